@@ -1,0 +1,81 @@
+"""Device selection, torchrun/DDP set-up, sharding of image lists across ranks, and seeding.
+
+A step calls ``init(args)`` once; it works unchanged for a plain ``python run_sample.py`` (one process)
+and for ``torchrun --nproc_per_node=N run_sample.py`` (N processes, DDP).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from misc.errors import UserError
+
+T = TypeVar("T")
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch_dist.barrier()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present. Under torchrun each rank takes the GPU of its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was given but PyTorch sees no CUDA device: use --device cpu.")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(device_name: str) -> torch.device:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on CUDA); return the device."""
+    device = resolve_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's interleaved share of ``items`` (``items[rank::world]``); all of them with one process."""
+    return list(items[rank() :: world_size()])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; ranks get different streams so DDP workers do not repeat each other."""
+    seed = seed + rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over ranks (identity with one process)."""
+    if world_size() > 1:
+        value = value.clone()
+        torch_dist.all_reduce(value)
+        value /= world_size()
+    return value

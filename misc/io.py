@@ -1,0 +1,108 @@
+"""Atomic file output and the on-disk formats that steps hand to each other."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from misc.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
+    """Open a temporary file beside ``path`` and move it into place only if the block succeeds.
+
+    An interrupted step therefore never leaves a truncated output that a resumed run would trust.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_cam(path: str | os.PathLike, keys: np.ndarray, cam: np.ndarray, high_res: np.ndarray) -> None:
+    """Save one image's CAMs: keys int64 (k,), cam (k, H4, W4) and high_res (k, H, W) as float16."""
+    with atomic_write(path) as f:
+        np.savez(
+            f,
+            keys=np.asarray(keys, dtype=np.int64),
+            cam=np.asarray(cam, dtype=np.float16),
+            high_res=np.asarray(high_res, dtype=np.float16),
+        )
+
+
+def load_cam(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load a CAM file written by ``save_cam``; maps come back as float32."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"CAM file {path} is missing: run the make_cam step first (--make_cam_pass true).")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {
+                "keys": data["keys"].astype(np.int64),
+                "cam": data["cam"].astype(np.float32),
+                "high_res": data["high_res"].astype(np.float32),
+            }
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"CAM file {path} is unreadable ({e}): delete it and re-run make_cam.") from e
+
+
+def save_png(path: str | os.PathLike, label: np.ndarray, palette: np.ndarray | None = None) -> None:
+    """Save a uint8 (H, W) label map as a PNG, as a palette image when ``palette`` (256*3,) is given."""
+    img = Image.fromarray(np.asarray(label, dtype=np.uint8), mode="L" if palette is None else None)
+    if palette is not None:
+        img = img.convert("P")
+        img.putpalette(list(np.asarray(palette, dtype=np.uint8).reshape(-1)))
+    with atomic_write(path) as f:
+        img.save(f, format="PNG")
+
+
+def load_png(path: str | os.PathLike) -> np.ndarray:
+    """Load a single-channel (or palette) PNG as uint8 (H, W) label values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"label file {path} is missing.")
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16", "1"):
+                raise UserError(f"{path} is a {img.mode} image, expected a single-channel label map.")
+            return np.asarray(img, dtype=np.uint8)
+    except OSError as e:
+        raise UserError(f"label file {path} is unreadable ({e}).") from e
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def append_metrics(work_dir: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one result as a JSON line to ``<work_dir>/metrics.jsonl``."""
+    path = Path(work_dir) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(work_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(work_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
