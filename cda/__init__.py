@@ -1,0 +1,1 @@
+"""Context Decoupling Augmentation (spec 10): the object bank (``cda.bank``) and composites (``cda.composite``)."""

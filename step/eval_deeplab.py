@@ -1,0 +1,161 @@
+"""Evaluate the trained DeepLab on the val list, optionally export the VOC test-server submission.
+
+Inference per image: for every scale of ``args.deeplab_eval_scales`` the image and its mirror go through
+the network as one batch of two; the softmax probabilities, resized to the image, are averaged over scales
+and flips (``msf``). With ``args.deeplab_crf`` the averaged probabilities are refined by the dense CRF of
+spec 11.2. Predictions are palette PNGs; a re-run skips images already predicted with the same weights
+and settings (the output folder is fingerprinted). Images are sharded over DDP ranks and the confusion
+matrices summed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from misc import dist
+from misc.crf import crf_inference_prob
+from misc.errors import UserError
+from misc.imutils import hwc_to_chw, normalize, scaled_size
+from misc.io import atomic_write, load_png, save_png
+from misc.metrics import confusion_matrix, segmentation_scores
+from misc.pipeline import (
+    autocast,
+    file_fingerprint,
+    fingerprint,
+    gt_path,
+    prepare_output_dir,
+    record,
+    require_gt,
+    split_name,
+)
+from net.backbone import load_state, read_checkpoint
+from net.deeplab import DeepLab
+from step.train_deeplab import build_model, deeplab_backbone
+from voc12.dataset import CLASS_NAMES, PALETTE, ImageDataset, VOCLayout, read_id_list, single_collate
+
+log = logging.getLogger("wsss")
+
+SUBMISSION_DIR = "results/VOC2012/Segmentation/comp6_test_cls"
+
+
+@torch.no_grad()
+def predict_probs(
+    model: DeepLab, img: np.ndarray, scales: Sequence[float], device: torch.device, amp: bool = False
+) -> np.ndarray:
+    """Multi-scale + flip class probabilities of one uint8 ``(H, W, 3)`` image -> float32 ``(C, H, W)``.
+
+    The normalised image is resized on the device (bilinear), each scale forwards ``[x, flip(x)]`` as one
+    batch, the logits are resized to ``(H, W)`` and the softmax probabilities averaged over all passes.
+    """
+    h, w = img.shape[:2]
+    x = torch.from_numpy(hwc_to_chw(normalize(img)))[None].to(device)
+    total = torch.zeros((), device=device)
+    for s in scales:
+        xs = x if s == 1 else F.interpolate(x, size=scaled_size((h, w), s), mode="bilinear", align_corners=False)
+        with autocast(device, amp):
+            logits = model(torch.cat([xs, xs.flip(-1)]), upsample=False)
+        probs = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False).softmax(1)
+        total = total + probs[0] + probs[1].flip(-1)
+    return (total / (2 * len(scales))).cpu().numpy()
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[DeepLab, Path]:
+    """The trained DeepLab of ``<args.deeplab_dir>/deeplab.pth`` in eval mode, and that path."""
+    path = Path(args.deeplab_dir) / "deeplab.pth"
+    if not path.is_file():
+        raise UserError(f"DeepLab weights {path} are missing: run train_deeplab first (--train_deeplab_pass true).")
+    model = build_model(args, None)  # random backbone init: every weight comes from the file
+    load_state(model, read_checkpoint(path), source=str(path), ignore_prefixes=())
+    return model.to(device).eval(), path
+
+
+def predict_ids(
+    args: argparse.Namespace, model: DeepLab, device: torch.device, ids: list[str], out_dir: Path, desc: str
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(id, (H, W) uint8 prediction)`` for this rank's share of ``ids``.
+
+    Predictions already in ``out_dir/<id>.png`` are read back; the others are inferred and saved there
+    as palette PNGs (values 0..20).
+    """
+    mine = dist.shard(ids)
+    todo = [i for i in mine if not (out_dir / f"{i}.png").is_file()]
+    for i in mine:
+        if i not in todo:
+            yield i, load_png(out_dir / f"{i}.png")
+    loader = DataLoader(ImageDataset(args.voc12_root, todo), batch_size=1, num_workers=args.num_workers,
+                        collate_fn=single_collate)
+    for item in tqdm(loader, desc=desc, disable=not dist.is_main(), mininterval=2):
+        probs = predict_probs(model, item["img"], args.deeplab_eval_scales, device, args.amp)
+        if args.deeplab_crf:
+            probs = crf_inference_prob(item["img"], probs)
+        pred = probs.argmax(0).astype(np.uint8)
+        save_png(out_dir / f"{item['name']}.png", pred, PALETTE)
+        yield item["name"], pred
+
+
+def run(args: argparse.Namespace) -> None:
+    device = dist.init(args.device)
+    model, weights = load_model(args, device)
+    scales = [float(s) for s in args.deeplab_eval_scales]
+    postprocess = "msf+crf" if args.deeplab_crf else "msf"
+    fp = fingerprint(weights=file_fingerprint(weights), scales=scales, crf=args.deeplab_crf,
+                     arch=args.deeplab_arch, backbone=deeplab_backbone(args), os=args.deeplab_output_stride)
+
+    split = split_name(args.val_list)
+    ids = read_id_list(args.val_list)
+    require_gt(args.voc12_root, ids)
+    pred_dir = Path(args.deeplab_dir) / f"pred_{split}{'_crf' if args.deeplab_crf else ''}"
+    pred_dir = prepare_output_dir(pred_dir, fp, ".png")
+    conf = np.zeros((21, 21), dtype=np.int64)
+    for image_id, pred in predict_ids(args, model, device, ids, pred_dir, f"eval_deeplab {split}"):
+        gt = load_png(gt_path(args.voc12_root, image_id))
+        if pred.shape != gt.shape:
+            raise UserError(f"prediction {pred_dir / image_id}.png is {pred.shape} but its ground truth is "
+                            f"{gt.shape}: delete {pred_dir} and re-run eval_deeplab.")
+        conf += confusion_matrix(gt, pred)
+    if dist.world_size() > 1:
+        total = torch.from_numpy(conf).to(device)
+        torch_dist.all_reduce(total)
+        conf = total.cpu().numpy()
+    scores = segmentation_scores(conf, ("background", *CLASS_NAMES))
+    record(args, {"step": "eval_deeplab", "split": split, "postprocess": postprocess, "scales": scales,
+                  "arch": args.deeplab_arch, "backbone": deeplab_backbone(args),
+                  "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
+
+    if args.make_test_submission:
+        export_submission(args, model, device, fp)
+
+
+def export_submission(args: argparse.Namespace, model: DeepLab, device: torch.device, fp: str) -> None:
+    """Test predictions in the VOC evaluation-server layout, plus ``submission/results.tgz`` to upload."""
+    ids = read_id_list(args.test_list)
+    layout = VOCLayout(args.voc12_root)
+    missing = [i for i in ids if not layout.image(i).is_file()]
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(ids)} test images are missing in {layout.root / 'JPEGImages'} (first: "
+            f"{missing[0]}.jpg): add the VOC2012 test package to the dataset, or pass --make_test_submission false."
+        )
+    root = Path(args.deeplab_dir) / "submission"
+    out_dir = prepare_output_dir(root / SUBMISSION_DIR, fp, ".png")
+    for _ in predict_ids(args, model, device, ids, out_dir, "eval_deeplab test"):
+        pass
+    dist.barrier()
+    if dist.is_main():
+        tgz = root / "results.tgz"
+        with atomic_write(tgz) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+            for i in ids:
+                tar.add(out_dir / f"{i}.png", arcname=f"{SUBMISSION_DIR}/{i}.png")
+        log.info("eval_deeplab: %d test predictions in %s; upload %s to the VOC evaluation server", len(ids),
+                 out_dir, tgz)

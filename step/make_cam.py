@@ -1,0 +1,113 @@
+"""Multi-scale + flip CAM inference over the training list (spec 4), sharded across ranks, resumable.
+
+Writes ``<cam_out_dir>/<id>.npz`` (``misc.io.save_cam``): the image's classes, the stride-4 CAM used by
+the random walk and the full-resolution CAM used by evaluation and IR labels, both max-normalised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from misc import dist
+from misc.imutils import hwc_to_chw, normalize, rescale
+from misc.io import save_cam
+from misc.pipeline import autocast, file_fingerprint, fingerprint, pending, prepare_output_dir
+from net.backbone import load_state, read_checkpoint
+from net.cam import CAMNet
+from step.train_cam import build_cam_net
+from voc12.dataset import ImageDataset, load_cls_labels, read_id_list
+
+log = logging.getLogger("wsss")
+
+
+class MultiScaleDataset(Dataset):
+    """Per image: its label and one (2, 3, h_s, w_s) [image, h-flipped image] tensor per scale.
+
+    Resizing (PIL bicubic on uint8, as the reference) happens in loader workers, off the device's path.
+    """
+
+    def __init__(self, images: ImageDataset, scales: Sequence[float]) -> None:
+        self.images = images
+        self.scales = tuple(scales)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.images[index]
+        img = item["img"]
+        pairs = []
+        for s in self.scales:
+            x = torch.from_numpy(hwc_to_chw(normalize(rescale(img, s, order=3))))
+            pairs.append(torch.stack([x, x.flip(-1)]))
+        return {"name": item["name"], "label": item["label"], "size": img.shape[:2], "pairs": pairs}
+
+
+def strided_size(h: int, w: int, stride: int = 4) -> tuple[int, int]:
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+@torch.no_grad()
+def multiscale_cam(
+    model: CAMNet, pairs: list[torch.Tensor], size: tuple[int, int], keys: torch.Tensor, amp: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse flip-summed CAMs over scales (spec 4 steps 1-6).
+
+    pairs: per scale a (2, 3, h_s, w_s) [image, flipped] batch on the model's device; keys: (k,) classes.
+    Returns (cam (k, H4, W4), high_res (k, H, W)), float32, each class divided by its max (+1e-5).
+    """
+    h, w = size
+    strided = strided_size(h, w)
+    padded16 = tuple(((d - 1) // 16 + 1) * 16 for d in (h, w))
+    cam = high_res = 0
+    for x in pairs:
+        with autocast(x.device, amp):
+            maps = model.cam(x)
+        # Sum (not mean) of the image and its flipped twin, as the reference; the max-normalisation
+        # below removes the scale anyway. Only the image's classes are needed from here on.
+        fused = (maps[0] + maps[1].flip(-1))[keys].float().unsqueeze(0)
+        cam = cam + F.interpolate(fused, strided, mode="bilinear", align_corners=False)[0]
+        # Resized to the 16-multiple size then cropped, not resized to (H, W): keeps the reference alignment.
+        high_res = high_res + F.interpolate(fused, padded16, mode="bilinear", align_corners=False)[0, :, :h, :w]
+    cam = cam / (cam.flatten(1).amax(1)[:, None, None] + 1e-5)
+    high_res = high_res / (high_res.flatten(1).amax(1)[:, None, None] + 1e-5)
+    return cam, high_res
+
+
+def load_cam_net(args: argparse.Namespace, device: torch.device) -> CAMNet:
+    """The trained CAM network of this round (or ``--cam_weights``), in eval mode."""
+    model = build_cam_net(args, device)
+    path = args.cam_weights or args.cam_weights_name
+    load_state(model, read_checkpoint(path), source=str(path))
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> None:
+    device = dist.init(args.device)
+    weights = args.cam_weights or args.cam_weights_name
+    fp = fingerprint(weights=file_fingerprint(weights), scales=args.cam_scales)
+    out_dir = prepare_output_dir(args.cam_out_dir, fp, ".npz")
+    todo = pending(read_id_list(args.train_list), out_dir, ".npz")
+    if not todo:
+        log.info("make_cam: all CAMs already in %s", out_dir)
+        return
+    model = load_cam_net(args, device)
+    images = ImageDataset(args.voc12_root, todo, load_cls_labels(args.cls_labels))
+    loader = DataLoader(
+        MultiScaleDataset(images, args.cam_scales),
+        batch_size=None,
+        num_workers=args.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    for item in tqdm(loader, desc="make_cam", disable=not dist.is_main(), mininterval=2):
+        keys = torch.nonzero(torch.as_tensor(item["label"]))[:, 0]
+        pairs = [p.to(device, non_blocking=True) for p in item["pairs"]]
+        cam, high_res = multiscale_cam(model, pairs, tuple(item["size"]), keys.to(device), args.amp)
+        save_cam(out_dir / f"{item['name']}.npz", keys.numpy(), cam.cpu().numpy(), high_res.cpu().numpy())

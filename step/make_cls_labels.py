@@ -1,0 +1,22 @@
+"""Step: image-level labels for every id of the lists, shipped or derived from the dataset (spec 1.3)."""
+
+from __future__ import annotations
+
+import argparse
+
+from misc import dist
+from voc12.cls_labels import resolve_labels
+from voc12.dataset import SHIPPED_DIR, read_id_list
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write ``args.cls_labels`` with the labels of all ids in the train/val/infer/eval lists."""
+    # Only rank 0 writes the shared file; the others wait for it (no-op without torchrun).
+    if dist.is_main():
+        ids: list[str] = []
+        for path in (args.train_list, args.val_list, args.infer_list, args.eval_list):
+            ids += read_id_list(path)
+        labels = resolve_labels(args.voc12_root, ids, SHIPPED_DIR / "cls_labels.tsv", args.cls_labels)
+        per_image = sum(float(y.sum()) for y in labels.values()) / max(1, len(labels))
+        print(f"make_cls_labels: {len(labels)} images, {per_image:.2f} classes/image -> {args.cls_labels}")
+    dist.barrier()
