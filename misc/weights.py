@@ -11,6 +11,10 @@ in ``<cache dir>/wsss_weights_pins.json`` when the file was first downloaded (or
 cache). Cached files are re-hashed on every ``fetch`` rather than trusted by size: it costs about 0.3 s per
 100 MB and catches a file that was replaced or truncated by hand.
 
+Conversion: :func:`load_weights` loads our own checkpoints as they are and maps those of the reference
+IRNet/CDA code (``net/resnet50_cam.py``, ``net/resnet50_irn.py``) onto our ``CAMNet``/``IRN`` key layout
+(:func:`convert_reference_checkpoint`).
+
 CLI::
 
     python -m misc.weights list [--cache-dir DIR]
@@ -363,7 +367,7 @@ def _package_file(entry: WeightsEntry) -> Path:
     path = Path(getattr(getattr(module, pkg["object"]), pkg["method"])())
     if not path.is_file():
         raise UserError(f"the package {pkg['distribution']} lacks its weights file {path}: reinstall it")
-    digest, problem = _check(path, entry, {})
+    _, problem = _check(path, entry, {})
     if problem:
         raise UserError(f"{path} ({entry.name}) has {problem}: reinstall {pkg['distribution']}")
     return path
@@ -384,15 +388,18 @@ def fetch(name_or_url: str, *, cache_dir: str | os.PathLike | None = None, offli
         return _package_file(entry)
     directory = default_cache_dir(cache_dir)
     path = directory / entry.file
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        if not path.is_file():
+    if not path.is_file():
+        if offline_requested(offline):
+            raise UserError(f"offline mode (--offline or ${ENV_OFFLINE}=1): {entry.file} ({entry.name}) is not "
+                            f"in the cache.\n" + _manual_instructions(entry, directory))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
             raise UserError(f"cannot create the weights cache {directory} ({e}): set ${ENV_CACHE_DIR} or "
                             "--cache-dir to a writable directory") from e
     with _dir_lock(directory):
         pins = _read_pins(directory)
-        if path.is_file():
+        if path.is_file():  # cached, or another process finished the download while this one waited
             digest, problem = _check(path, entry, pins)
             if problem:
                 raise UserError(f"the cached {path} has {problem}. Delete it (it will be downloaded again) "
@@ -401,9 +408,6 @@ def fetch(name_or_url: str, *, cache_dir: str | os.PathLike | None = None, offli
             if entry.sha256 is None and entry.file not in pins:
                 _pin(directory, entry, digest, path.stat().st_size, "found in the cache")
             return path
-        if offline_requested(offline):
-            raise UserError(f"offline mode (--offline or ${ENV_OFFLINE}=1): {entry.file} ({entry.name}) is not "
-                            f"in the cache.\n" + _manual_instructions(entry, directory))
         part = path.with_name(path.name + ".part")
         errors = []
         for url in entry.urls:
@@ -506,6 +510,14 @@ def _strip_module(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return state_dict
 
 
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    # torch.save keeps shared storages shared, so the duplicate names of a real reference checkpoint
+    # usually view the same memory: compare views first, values only when they differ.
+    same_view = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+                 and a.dtype == b.dtype)
+    return same_view or torch.equal(a, b)
+
+
 def convert_reference_checkpoint(state_dict: dict[str, Tensor], target: str, *,
                                  partial: bool = False) -> dict[str, Tensor]:
     """Map a reference IRNet/CDA state dict (``target`` 'cam' or 'irn') onto our key layout.
@@ -539,7 +551,7 @@ def convert_reference_checkpoint(state_dict: dict[str, Tensor], target: str, *,
     for new, key, tensor in mapped:
         if new not in out:
             out[new], origin[new] = tensor, key
-        elif not torch.equal(out[new], tensor):
+        elif not _same_tensor(out[new], tensor):
             raise UserError(f"inconsistent reference checkpoint: {origin[new]} and {key} are two names of one "
                             "tensor but hold different values")
     return out

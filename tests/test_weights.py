@@ -333,6 +333,7 @@ def test_offline_names_file_directory_and_url(how: str, cache: Path, monkeypatch
     msg = str(info.value)
     assert "offline" in msg and "resnet50-19c8e357.pth" in msg and str(cache) in msg
     assert "https://download.pytorch.org/models/resnet50-19c8e357.pth" in msg
+    assert not cache.exists()  # offline touches nothing
     drive = weights.get_entry("cda_irnet_resnet50_cam")
     with pytest.raises(UserError, match=re.escape(drive.page)):
         weights.fetch(drive.name, cache_dir=cache, offline=True)
