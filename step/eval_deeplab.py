@@ -41,7 +41,7 @@ from misc.pipeline import (
 )
 from net.backbone import load_state, read_checkpoint
 from net.deeplab import DeepLab
-from step.train_deeplab import build_model, deeplab_backbone
+from step.train_deeplab import build_model
 from voc12.dataset import CLASS_NAMES, PALETTE, ImageDataset, VOCLayout, read_id_list, single_collate
 
 log = logging.getLogger("wsss")
@@ -88,11 +88,12 @@ def predict_ids(
     Predictions already in ``out_dir/<id>.png`` are read back; the others are inferred and saved there
     as palette PNGs (values 0..20).
     """
-    mine = dist.shard(ids)
-    todo = [i for i in mine if not (out_dir / f"{i}.png").is_file()]
-    for i in mine:
-        if i not in todo:
+    todo = []
+    for i in dist.shard(ids):
+        if (out_dir / f"{i}.png").is_file():
             yield i, load_png(out_dir / f"{i}.png")
+        else:
+            todo.append(i)
     loader = DataLoader(ImageDataset(args.voc12_root, todo), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_collate)
     for item in tqdm(loader, desc=desc, disable=not dist.is_main(), mininterval=2):
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     scales = [float(s) for s in args.deeplab_eval_scales]
     postprocess = "msf+crf" if args.deeplab_crf else "msf"
     fp = fingerprint(weights=file_fingerprint(weights), scales=scales, crf=args.deeplab_crf,
-                     arch=args.deeplab_arch, backbone=deeplab_backbone(args), os=args.deeplab_output_stride)
+                     arch=args.deeplab_arch, backbone=args.deeplab_backbone, os=args.deeplab_output_stride)
 
     split = split_name(args.val_list)
     ids = read_id_list(args.val_list)
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
         conf = total.cpu().numpy()
     scores = segmentation_scores(conf, ("background", *CLASS_NAMES))
     record(args, {"step": "eval_deeplab", "split": split, "postprocess": postprocess, "scales": scales,
-                  "arch": args.deeplab_arch, "backbone": deeplab_backbone(args),
+                  "arch": args.deeplab_arch, "backbone": args.deeplab_backbone,
                   "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
 
     if args.make_test_submission:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -35,11 +36,6 @@ log = logging.getLogger("wsss")
 
 # DeepLab's random scale range (spec 11.2 draws from {0.5, ..., 1.5}; a continuous range as for IRN).
 SCALE_RANGE = (0.5, 1.5)
-
-
-def deeplab_backbone(args: argparse.Namespace) -> str:
-    """The DeepLab backbone: ``args.deeplab_backbone``, or the pipeline's ``args.backbone`` if unset."""
-    return args.deeplab_backbone or args.backbone
 
 
 def label_dir(args: argparse.Namespace, ids: list[str]) -> Path:
@@ -92,10 +88,10 @@ def epoch_loader(
     )
 
 
-def build_model(args: argparse.Namespace, backbone_weights: str | None) -> DeepLab:
-    """DeepLab of ``args.deeplab_arch`` on ``deeplab_backbone(args)`` (``None`` weights: random init)."""
+def build_model(args: argparse.Namespace, backbone_weights: str | os.PathLike | None) -> DeepLab:
+    """DeepLab of ``args.deeplab_arch`` on ``args.deeplab_backbone`` (``None`` weights: random init)."""
     return build_deeplab(
-        args.deeplab_arch, deeplab_backbone(args), backbone_weights, args.deeplab_output_stride, num_classes=21
+        args.deeplab_arch, args.deeplab_backbone, backbone_weights, args.deeplab_output_stride, num_classes=21
     )
 
 
@@ -110,8 +106,6 @@ def run(args: argparse.Namespace) -> None:
     if batch % world:
         raise UserError(f"--deeplab_batch_size {batch} is not divisible by the {world} processes.")
     rank_batch = batch // world
-    if args.deeplab_arch == "v3+" and rank_batch < 2 and world == 1:
-        raise UserError("DeepLab-v3+ has BatchNorm in its head and needs --deeplab_batch_size >= 2.")
     steps_per_epoch = len(ids) // batch
     if steps_per_epoch == 0:
         raise UserError(f"{len(ids)} training images are fewer than one batch (--deeplab_batch_size {batch}).")
@@ -121,10 +115,11 @@ def run(args: argparse.Namespace) -> None:
     )
 
     dist.seed_everything(args.seed)
-    model = build_model(args, resolve_weights(args.deeplab_backbone_weights or args.backbone_weights))
-    if world > 1:
-        # Only the head: converting the whole model would turn the backbone's FixedBatchNorm2d (a
-        # BatchNorm2d subclass) into a statistics-computing SyncBatchNorm.
+    model = build_model(args, resolve_weights(args.deeplab_weights))
+    if world > 1 and device.type == "cuda":
+        # SyncBatchNorm (CUDA only): the v3+ head's statistics over the global batch. Only the head:
+        # converting the whole model would turn the backbone's FixedBatchNorm2d (a BatchNorm2d subclass)
+        # into a statistics-computing SyncBatchNorm.
         model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
     model.to(device)
     backbone_params, head_params = model.param_groups()
@@ -134,17 +129,19 @@ def run(args: argparse.Namespace) -> None:
         lr=lr, weight_decay=args.deeplab_weight_decay, max_step=iters, momentum=0.9,
     )
     settings = {
-        "arch": args.deeplab_arch, "backbone": deeplab_backbone(args), "output_stride": args.deeplab_output_stride,
+        "arch": args.deeplab_arch, "backbone": args.deeplab_backbone, "output_stride": args.deeplab_output_stride,
         "iters": iters, "batch_size": batch, "lr": lr, "weight_decay": args.deeplab_weight_decay,
         "crop_size": args.deeplab_crop_size, "labels": str(labels), "num_images": len(ids), "seed": args.seed,
     }
     it = 0
     if ckpt_path.is_file():
         it = load_checkpoint(ckpt_path, model, optimizer, None, expect_extra=settings)
-        log.info("train_deeplab: resuming from %s at iteration %d", ckpt_path, it)
+        if dist.is_main():
+            log.info("train_deeplab: resuming from %s at iteration %d", ckpt_path, it)
     net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    log.info("train_deeplab: DeepLab-%s/%s OS%d on %d images (%s), %d iterations x batch %d",
-             args.deeplab_arch, deeplab_backbone(args), args.deeplab_output_stride, len(ids), labels, iters, batch)
+    if dist.is_main():
+        log.info("train_deeplab: DeepLab-%s/%s OS%d on %d images (%s), %d iterations x batch %d", args.deeplab_arch,
+                 args.deeplab_backbone, args.deeplab_output_stride, len(ids), labels, iters, batch)
 
     model.train()
     bar = tqdm(total=iters, initial=it, desc="train_deeplab", disable=not dist.is_main(), mininterval=2)
@@ -163,10 +160,11 @@ def run(args: argparse.Namespace) -> None:
             optimizer.step()
             it += 1
             shown = dist.all_reduce_mean(loss.detach()).item()
-            log.debug("train_deeplab iteration %d loss %.9g", it, shown)
+            if dist.is_main():
+                log.debug("train_deeplab iteration %d loss %.9g", it, shown)
             bar.update()
             bar.set_postfix(loss=f"{shown:.4f}")
-            if it % args.deeplab_ckpt_every == 0 and it < iters:
+            if args.deeplab_ckpt_every > 0 and it % args.deeplab_ckpt_every == 0 and it < iters:
                 states = gather_rng_states()
                 if dist.is_main():
                     save_checkpoint(ckpt_path, model=model, optimizer=optimizer, scaler=None, iteration=it,
