@@ -46,6 +46,7 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_arch="v2",
         deeplab_backbone="resnet101",
         deeplab_weights="resnet101_imagenet_legacy",
+        deeplab_output_stride=8,  # DeepLab-v2's ASPP rates 6-24 were chosen for output stride 8
         deeplab_crop_size=321,
         deeplab_batch_size=10,
         deeplab_iters=20000,
@@ -58,18 +59,19 @@ PRESETS: dict[str, dict[str, object]] = {
         backbone_weights="efficientnet_lite0_imagenet",
         cam_batch_size=16,
         cam_num_epoches=5,
-        cam_crop_size=192,
-        cam_resize_long=(160, 240),
+        cam_crop_size=128,
+        cam_resize_long=(112, 176),
         cam_scales=(1.0, 0.5, 1.5),
-        irn_crop_size=192,
+        irn_crop_size=128,
         irn_batch_size=16,
         irn_num_epoches=3,
         deeplab_arch="v3+",
         deeplab_backbone="efficientnet_lite0",
         deeplab_weights="efficientnet_lite0_imagenet",
-        deeplab_crop_size=192,
+        deeplab_output_stride=16,
+        deeplab_crop_size=128,
         deeplab_batch_size=8,
-        deeplab_iters=300,
+        deeplab_iters=200,
         deeplab_learning_rate=0.01,
         deeplab_eval_scales=(1.0, 0.75, 1.25),
         deeplab_ckpt_every=100,
@@ -112,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", type=str2bool, default=True, help="mixed precision on CUDA (ignored on CPU)")
-    g.add_argument("--demo_size", type=int, nargs=3, default=(400, 120, 120), metavar=("TRAIN_AUG", "TRAIN", "VAL"))
+    g.add_argument("--demo_size", type=int, nargs=3, default=(240, 80, 80), metavar=("TRAIN_AUG", "TRAIN", "VAL"))
 
     g = p.add_argument_group("dataset lists (default: shipped VOC lists, or the demo's)")
     for name in ("train_list", "val_list", "infer_list", "eval_list", "test_list"):
@@ -125,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone_weights", default=None, help="checkpoint path, registry name, or none")
     g.add_argument("--cam_weights", default=None, help="evaluate these CAM weights instead of training")
     g.add_argument("--irn_weights", default=None, help="use these IRN weights instead of training")
+    g.add_argument(
+        "--eval_released",
+        type=str2bool,
+        default=False,
+        help="download CDA's released ResNet-50 CAM and IRN weights and run make_cam -> eval -> pseudo masks -> eval",
+    )
 
     g = p.add_argument_group("CAM (spec 3-5)")
     g.add_argument("--cam_batch_size", type=int, default=None)
@@ -140,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam_crop_size", type=int, default=None)
     g.add_argument("--cam_resize_long", type=int, nargs=2, default=None)
     g.add_argument("--cam_eval_thres", type=float, default=0.15)
-    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds to sweep")
+    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds to sweep (default 0.05..0.60)")
     g.add_argument("--cam_scales", type=float, nargs="+", default=None)
 
     g = p.add_argument_group("IRN and pseudo labels (spec 6-9)")
@@ -181,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deeplab_arch", choices=["v2", "v3+"], default=None)
     g.add_argument("--deeplab_backbone", choices=["resnet50", "resnet101", "efficientnet_lite0"], default=None)
     g.add_argument("--deeplab_weights", default=None)
-    g.add_argument("--deeplab_output_stride", type=int, choices=[8, 16], default=16)
+    g.add_argument("--deeplab_train_list", default=None, help="ids DeepLab trains on (default: --train_list)")
+    g.add_argument("--deeplab_output_stride", type=int, choices=[8, 16], default=None)
     g.add_argument("--deeplab_crop_size", type=int, default=None)
     g.add_argument("--deeplab_batch_size", type=int, default=None)
     g.add_argument("--deeplab_iters", type=int, default=None)
@@ -237,17 +246,26 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for key, file in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, str(lists / file))
+    if args.deeplab_train_list is None:
+        args.deeplab_train_list = args.train_list
     if args.ins_seg_list is None:
         args.ins_seg_list = args.eval_list
     if args.cls_labels is None:
         args.cls_labels = str(Path(args.work_dir) / "cls_labels.tsv")
     if args.cam_eval_sweep is None:
-        args.cam_eval_sweep = [round(args.cam_eval_thres + d, 2) for d in (-0.1, -0.05, 0.0, 0.05, 0.1)]
+        args.cam_eval_sweep = [round(0.05 * i, 2) for i in range(1, 13)]
     _check_flags(args, parser)
     return _round_paths(args, "baseline")
 
 
 def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.eval_released:
+        if args.demo:
+            parser.error("--eval_released evaluates VOC models: give --voc12_root as well")
+        args.cam_weights = args.cam_weights or "cda_irnet_resnet50_cam"
+        args.irn_weights = args.irn_weights or "cda_irnet_resnet50_irn"
+        args.cda = False
+        args.train_deeplab_pass = args.eval_deeplab_pass = False
     if args.conf_bg_thres >= args.conf_fg_thres:
         parser.error(f"--conf_bg_thres ({args.conf_bg_thres}) must be below --conf_fg_thres ({args.conf_fg_thres})")
     if not 0 < args.cda_min_ratio < args.cda_max_ratio <= 1:
@@ -290,10 +308,10 @@ def run_pipeline(args: argparse.Namespace) -> None:
     for i, variant in enumerate(rounds):
         r = _round_paths(args, variant)
         if needs_all_masks and (args.cda and variant == "baseline" or i == len(rounds) - 1):
-            reason = "the CDA object bank" if variant == "baseline" and args.cda else "DeepLab training"
-            log.info("infer_list = train_list for the %s round: %s needs pseudo masks for every training image",
-                     variant, reason)
-            r.infer_list = args.train_list
+            for_bank = variant == "baseline" and args.cda
+            r.infer_list = args.train_list if for_bank else args.deeplab_train_list
+            log.info("infer_list = %s for the %s round: %s needs pseudo masks for every training image",
+                     r.infer_list, variant, "the CDA object bank" if for_bank else "DeepLab training")
         if variant == "cda" and args.make_aug_fg_pass:
             # The bank is cut from the baseline round's pseudo masks (spec 10.2).
             bank_args = copy.copy(r)
@@ -303,7 +321,6 @@ def run_pipeline(args: argparse.Namespace) -> None:
             if getattr(args, f"{flag}_pass"):
                 _run_step(module, r, timings)
     final = _round_paths(args, rounds[-1])
-    final.infer_list = args.train_list
     if args.train_deeplab_pass:
         _run_step("train_deeplab", final, timings)
     if args.eval_deeplab_pass:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from misc.errors import UserError
+from misc.labels import scores_to_label
 
 
 def _densecrf():
@@ -99,8 +100,9 @@ def ir_label_from_cam(
     keys_plus = np.concatenate([[0], keys + 1])
 
     def one_pass(thres: float) -> np.ndarray:
-        planes = np.concatenate([np.full((1, h, w), thres, dtype=np.float32), high_res])
-        return keys_plus[crf_inference_label(img, np.argmax(planes, axis=0), n_labels=k + 1)]
+        # The CRF works on compact labels 0..k (0 = background); keys_plus maps them back to VOC labels.
+        compact = scores_to_label(high_res, np.arange(k), thres)
+        return keys_plus[crf_inference_label(img, compact, n_labels=k + 1)]
 
     fg = one_pass(fg_thres)
     bg = one_pass(bg_thres)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from misc import dist
 from misc.errors import UserError
-from misc.io import append_metrics, load_png, save_json
+from misc.io import append_metrics, atomic_write, load_png, save_json
 from misc.metrics import confusion_matrix, segmentation_scores
 
 log = logging.getLogger("wsss")
@@ -49,6 +49,11 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     """Identity of a weights file: size and modification time (cheap, changes whenever it is rewritten)."""
     stat = Path(path).stat()
     return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def weights_fingerprint(spec: str | os.PathLike) -> str:
+    """A weights file's fingerprint, or the registry name itself (a registry entry is pinned by its hash)."""
+    return file_fingerprint(spec) if Path(spec).is_file() else str(spec)
 
 
 def dir_fingerprint(out_dir: str | os.PathLike, producer: str) -> str:
@@ -77,6 +82,21 @@ def prepare_output_dir(out_dir: str | os.PathLike, fp: str, suffix: str) -> Path
     return out_dir
 
 
+def _stamp(output: Path) -> Path:
+    return output.with_name(output.name + ".fingerprint")
+
+
+def up_to_date(output: str | os.PathLike, fp: str) -> bool:
+    """True when ``output`` exists and was produced from inputs with fingerprint ``fp`` (``mark_done``)."""
+    output = Path(output)
+    return output.is_file() and _stamp(output).is_file() and _stamp(output).read_text() == fp
+
+
+def mark_done(output: str | os.PathLike, fp: str) -> None:
+    with atomic_write(_stamp(Path(output)), "w") as f:
+        f.write(fp)
+
+
 def pending(ids: Iterable[str], out_dir: str | os.PathLike, suffix: str) -> list[str]:
     """This rank's share of ``ids`` whose output file does not exist yet (per-image resume)."""
     out_dir = Path(out_dir)
@@ -92,9 +112,7 @@ def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, produ
         )
 
 
-def train_loader(
-    dataset: Dataset, global_batch: int, args: argparse.Namespace
-) -> tuple[DataLoader, DistributedSampler]:
+def train_loader(dataset: Dataset, global_batch: int, args: argparse.Namespace) -> DataLoader:
     """Shuffled, drop-last loader whose global batches are the same for any number of processes.
 
     Rank r takes ``perm[r::world]`` of one seeded permutation, so step k of N processes sees exactly the
@@ -107,7 +125,7 @@ def train_loader(
     sampler = DistributedSampler(
         dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
     )
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         batch_size=global_batch // world,
         sampler=sampler,
@@ -117,7 +135,28 @@ def train_loader(
         # Workers hold copies of the dataset: only fresh workers each epoch see its set_epoch().
         persistent_workers=False,
     )
-    return loader, sampler
+
+
+class TrainLog:
+    """Per-step training record ``<weights>.log.jsonl`` (rank 0): step, learning rates, losses averaged over ranks.
+
+    Truncated when training starts from scratch, appended to when it resumes.
+    """
+
+    def __init__(self, weights: str | os.PathLike, resume: bool) -> None:
+        self.path = Path(weights).with_name(Path(weights).name + ".log.jsonl")
+        if dist.is_main() and not resume:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    def write(self, step: int, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Average ``losses`` over ranks (collective), append a row on rank 0, return the averaged values."""
+        values = {k: round(dist.all_reduce_mean(v.detach().float()).item(), 6) for k, v in losses.items()}
+        if dist.is_main():
+            row = {"step": step, "lr": [g["lr"] for g in optimizer.param_groups], **values}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return values
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:

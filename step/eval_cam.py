@@ -12,15 +12,9 @@ import numpy as np
 
 from misc import dist
 from misc.io import load_cam
+from misc.labels import scores_to_label
 from misc.pipeline import evaluate_segmentation, record, require_files, split_name
 from voc12.dataset import read_id_list
-
-
-def cam_to_label(high_res: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
-    """(k, H, W) CAMs of classes ``keys`` -> (H, W) labels: 0 where no CAM beats ``threshold``, else c+1."""
-    scores = np.concatenate([np.full((1, *high_res.shape[1:]), threshold, np.float32), high_res])
-    lookup = np.concatenate([[0], np.asarray(keys) + 1]).astype(np.uint8)
-    return lookup[scores.argmax(0)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -32,7 +26,7 @@ def run(args: argparse.Namespace) -> None:
 
     def predict(image_id: str) -> list[np.ndarray]:
         cams = load_cam(f"{args.cam_out_dir}/{image_id}.npz")
-        return [cam_to_label(cams["high_res"], cams["keys"], t) for t in thresholds]
+        return [scores_to_label(cams["high_res"], cams["keys"], t) for t in thresholds]
 
     scores = evaluate_segmentation(args, ids, predict, "eval_cam")
     sweep = {f"{t:.2f}": s["miou"] for t, s in zip(thresholds, scores, strict=True)}

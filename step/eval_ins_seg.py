@@ -66,5 +66,7 @@ def run(args: argparse.Namespace) -> None:
         row[f"map@{thresh}"] = 100 * mean_ap
         if thresh == 0.5:
             row["map"] = 100 * mean_ap
-            row["per_class_ap"] = {n: None if np.isnan(a) else 100 * float(a) for n, a in zip(CLASS_NAMES, ap, strict=True)}
+            row["per_class_ap"] = {
+                n: None if np.isnan(a) else 100 * float(a) for n, a in zip(CLASS_NAMES, ap, strict=True)
+            }
     record(args, row)

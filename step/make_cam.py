@@ -18,8 +18,8 @@ from tqdm import tqdm
 from misc import dist
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.io import save_cam
-from misc.pipeline import autocast, file_fingerprint, fingerprint, pending, prepare_output_dir
-from net.backbone import load_state, read_checkpoint
+from misc.pipeline import autocast, fingerprint, pending, prepare_output_dir, weights_fingerprint
+from misc.weights import load_weights
 from net.cam import CAMNet
 from step.train_cam import build_cam_net
 from voc12.dataset import ImageDataset, load_cls_labels, read_id_list
@@ -84,15 +84,14 @@ def multiscale_cam(
 def load_cam_net(args: argparse.Namespace, device: torch.device) -> CAMNet:
     """The trained CAM network of this round (or ``--cam_weights``), in eval mode."""
     model = build_cam_net(args, device)
-    path = args.cam_weights or args.cam_weights_name
-    load_state(model, read_checkpoint(path), source=str(path))
+    load_weights(model, args.cam_weights or args.cam_weights_name, "cam")
     return model.eval()
 
 
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     weights = args.cam_weights or args.cam_weights_name
-    fp = fingerprint(weights=file_fingerprint(weights), scales=args.cam_scales)
+    fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales)
     out_dir = prepare_output_dir(args.cam_out_dir, fp, ".npz")
     todo = pending(read_id_list(args.train_list), out_dir, ".npz")
     if not todo:

@@ -12,14 +12,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from misc import dist
-from misc.checkpoint import load_checkpoint, save_checkpoint
-from misc.io import atomic_write
 from misc.optim import PolyOptimizer
-from misc.pipeline import autocast, train_loader
+from misc.pipeline import autocast, file_fingerprint, fingerprint, train_loader, up_to_date
+from misc.train import save_trained, train_epochs
 from misc.weights import resolve_weights
 from net.backbone import build_backbone
 from net.cam import CAMNet
@@ -69,13 +66,27 @@ def _images_and_labels(batch: dict, device: torch.device) -> tuple[torch.Tensor,
     return imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+def _fingerprint(args: argparse.Namespace) -> str:
+    """Everything the trained weights depend on: settings, lists, labels and (with CDA) the object bank."""
+    settings = {k: v for k, v in vars(args).items() if k.startswith(("cam_", "cda_")) and k != "cam_eval_sweep"}
+    inputs = {"labels": file_fingerprint(args.cls_labels), "train": file_fingerprint(args.train_list)}
+    if args.cam_aug:
+        inputs["bank"] = file_fingerprint(Path(args.cda_bank_dir) / "index.json")
+    return fingerprint(settings=settings, inputs=inputs, backbone=args.backbone, weights=args.backbone_weights,
+                       seed=args.seed)
+
+
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     out = Path(args.cam_weights_name)
+    fp = _fingerprint(args)
+    if up_to_date(out, fp):
+        log.info("train_cam: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+        return
     dataset = _dataset(args, args.train_list, augment=True)
     # CDA keeps the image count per step: half originals, half their composites (spec 10.4).
     batch = args.cam_batch_size // 2 if args.cam_aug else args.cam_batch_size
-    loader, sampler = train_loader(dataset, batch, args)
+    loader = train_loader(dataset, batch, args)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"{args.train_list} has fewer images than one batch ({batch})")
@@ -91,39 +102,20 @@ def run(args: argparse.Namespace) -> None:
         [{"params": backbone_params, "lr": lr}, {"params": head_params, "lr": 10 * lr}],
         lr=lr, weight_decay=wd, max_step=max_step, momentum=args.cam_momentum,
     )
-    ckpt = out.with_suffix(".ckpt")
-    start_epoch = 0
-    if ckpt.is_file():
-        start_epoch = load_checkpoint(ckpt, model, optimizer, None)
-        log.info("resuming CAM training from %s (epoch %d)", ckpt, start_epoch)
-    net = DistributedDataParallel(model) if dist.world_size() > 1 else model
     log.info("train_cam: %d images, %d steps/epoch x %d epochs (poly T=%d)%s", len(dataset), steps_per_epoch,
              args.cam_num_epoches, max_step, " with CDA composites" if args.cam_aug else "")
 
-    for epoch in range(start_epoch, args.cam_num_epoches):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        model.train()
-        bar = tqdm(loader, desc=f"train_cam {epoch + 1}/{args.cam_num_epoches}", disable=not dist.is_main())
-        for batch_data in bar:
-            imgs, labels = _images_and_labels(batch_data, device)
-            with autocast(device, args.amp):
-                logits = net(imgs)
-            loss = F.multilabel_soft_margin_loss(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{dist.all_reduce_mean(loss.detach()).item():.4f}")
-        if dist.is_main():
-            log.info("epoch %d: train loss %.4f, val loss %.4f", epoch + 1, loss.item(), validate(model, args, device))
-            save_checkpoint(ckpt, model=model, optimizer=optimizer, scaler=None, iteration=epoch + 1)
-        dist.barrier()
+    def losses(net: torch.nn.Module, batch_data: dict) -> dict[str, torch.Tensor]:
+        imgs, labels = _images_and_labels(batch_data, device)
+        with autocast(device, args.amp):
+            logits = net(imgs)
+        return {"loss": F.multilabel_soft_margin_loss(logits.float(), labels)}
 
-    if dist.is_main():
-        with atomic_write(out) as f:
-            torch.save(model.state_dict(), f)
-        ckpt.unlink(missing_ok=True)
-        log.info("saved %s", out)
+    def report(epoch: int) -> None:
+        log.info("epoch %d: val loss %.4f", epoch + 1, validate(model, args, device))
+
+    train_epochs(model, optimizer, loader, args.cam_num_epoches, out, fp, losses, report)
+    save_trained(model, out, fp)
 
 
 @torch.no_grad()

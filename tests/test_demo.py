@@ -69,7 +69,7 @@ def test_layout_and_lists(demo_root: Path) -> None:
     for name in train_aug + val:
         img = read_image(layout.image(name))
         sizes.add(img.shape[:2])
-        assert 160 <= img.shape[0] <= 240 and 160 <= img.shape[1] <= 240
+        assert 128 <= img.shape[0] <= 192 and 128 <= img.shape[1] <= 192
         assert load_png(layout.seg_class(name)).shape == img.shape[:2] == load_png(layout.seg_object(name)).shape
     assert len(sizes) > 10  # variable sizes, like VOC
 

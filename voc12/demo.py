@@ -23,7 +23,7 @@ train       long carriage, nose, window row, stripe, wheels          rails
 ==========  =======================================================  ==================
 
 Backgrounds are textured (clouds, waves, grass blades, asphalt with lane marks, ballast with sleepers and
-rails, wallpaper over a wooden floor). Each image is 160-240 px per side, holds 1-3 objects of 1-2 classes
+rails, wallpaper over a wooden floor). Each image is 128-192 px per side, holds 1-3 objects of 1-2 classes
 covering 10-50 % of the image, plus per-pixel noise, a slight blur and JPEG compression, so colour alone
 does not separate the classes.
 
@@ -93,7 +93,7 @@ MANIFEST = "demo_manifest.json"
 CONTEXT_FILE = "demo_context.tsv"
 FORMAT_VERSION = 1
 
-SIDE_RANGE = (160, 240)  # image height and width, each uniform in this inclusive range
+SIDE_RANGE = (128, 192)  # image height and width, each uniform in this inclusive range
 FG_FRACTION = (0.10, 0.50)  # union of the objects' masks over the image area
 P_SECOND_CLASS = 0.4
 JPEG_QUALITY = 90

@@ -1,0 +1,82 @@
+"""Semantic pseudo masks: random walk of the stride-4 CAMs over IRN's boundary map (spec 8.2-8.3).
+
+The walk applies the local transition 2^exp_times times to the CAM vectors (misc.indexing.random_walk)
+instead of squaring a dense (hw x hw) matrix: same result, O(hw) memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from misc import dist
+from misc.indexing import random_walk
+from misc.io import load_cam, save_png
+from misc.labels import scores_to_label
+from misc.pipeline import (
+    dir_fingerprint,
+    fingerprint,
+    pending,
+    prepare_output_dir,
+    require_files,
+    weights_fingerprint,
+)
+from step.train_irn import IRNInference, irn_weights
+from voc12.dataset import read_id_list
+
+log = logging.getLogger("wsss")
+
+
+def propagate(cams: torch.Tensor, edge: torch.Tensor, size: tuple[int, int], args: argparse.Namespace) -> torch.Tensor:
+    """Random-walk (n, H4, W4) maps over the (H4, W4) boundary map; return (n, H, W) divided by the global max.
+
+    The reference divides by the max over all maps together (not per class): kept, since the background
+    threshold was tuned with it.
+    """
+    walked = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=5)
+    h, w = size
+    up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w]
+    return up / (up.max() + 1e-5)
+
+
+def pseudo_label_inputs(
+    args: argparse.Namespace, list_file: str, out_dir: str, suffix: str, bg_thres: float, desc: str
+) -> Iterator[tuple[str, Path, np.ndarray, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+    """What a pseudo-label step needs per pending image of this rank's share of ``list_file``.
+
+    Yields (id, output folder, uint8 image (H, W, 3), edge (H4, W4), displacement (2, H4, W4), CAM file);
+    the output folder is stamped with the CAMs, IRN weights and random-walk settings it derives from.
+    """
+    device = dist.init(args.device)
+    ids = read_id_list(list_file)
+    require_files(args.cam_out_dir, ids, ".npz", "make_cam")
+    weights = irn_weights(args)
+    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), irn=weights_fingerprint(weights),
+                     beta=args.beta, exp_times=args.exp_times, bg=bg_thres)
+    out = prepare_output_dir(out_dir, fp, suffix)
+    todo = pending(ids, out, suffix)
+    if not todo:
+        return
+    irn = IRNInference(args, device)
+    for image_id in tqdm(todo, desc=desc, disable=not dist.is_main(), mininterval=2):
+        img, edge, displacement = irn(image_id)
+        yield image_id, out, img, edge, displacement, load_cam(Path(args.cam_out_dir) / f"{image_id}.npz")
+
+
+def run(args: argparse.Namespace) -> None:
+    inputs = pseudo_label_inputs(args, args.infer_list, args.sem_seg_out_dir, ".png", args.sem_seg_bg_thres,
+                                 "make_sem_seg_labels")
+    for image_id, out_dir, img, edge, _, cams in inputs:
+        if len(cams["keys"]) == 0:
+            save_png(out_dir / f"{image_id}.png", np.zeros(img.shape[:2], np.uint8))
+            continue
+        rw = propagate(torch.from_numpy(cams["cam"]).to(edge.device), edge, img.shape[:2], args)
+        label = scores_to_label(rw.cpu().numpy(), cams["keys"], args.sem_seg_bg_thres)
+        save_png(out_dir / f"{image_id}.png", label)

@@ -1,0 +1,42 @@
+"""Smoke test of ``python -m bench --quick``: the markdown section is written in place, and the sparse
+random walk agrees with the dense reference."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.suite import COLUMNS, END, START
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_writes_its_section_only(tmp_path):
+    out = tmp_path / "benchmarks.md"
+    others = "# Benchmarks\n\nkept above\n\n<!-- other:start -->\nsomeone else's section\n<!-- other:end -->\n"
+    out.write_text(f"{others}\n{START}\nstale numbers\n{END}\n\nkept below\n")
+    # One thread: a smoke test must not fight other work for the cores (OpenMP spin-waits degrade badly).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WSSS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    text = out.read_text()
+    assert text.startswith(others) and text.rstrip().endswith("kept below")
+    assert "stale numbers" not in text and text.count(START) == 1 and text.count(END) == 1
+    section = text[text.index(START):text.index(END)]
+    assert "python -m bench --quick --device cpu --out" in section and "torch " in section
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0][0] == "| " + COLUMNS[0]
+    names = {r[0].lstrip("| ") for r in rows[1:]}
+    assert names == {"make_cam", "random walk", "CRF (cam_to_ir_label)", "make_sem_seg", "train_cam", "train_irn",
+                     "train_deeplab"}
+    checks = [re.search(r"max abs diff (\S+) \(of max (\S+)\)", line) for line in section.splitlines()
+              if line.startswith("| random walk |") and "dense" in line]
+    assert len(checks) == 2 and all(checks)
+    for m in checks:
+        # fp32 round-off of 8 dense squarings vs 256 sparse steps (tests/test_indexing.py): ~1e-4 relative.
+        assert float(m.group(1)) <= 1e-3 * float(m.group(2)), m.group(0)
