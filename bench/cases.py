@@ -39,6 +39,7 @@ BETA, EXP_TIMES, RW_RADIUS = 10, 8, 5
 # its 8 squarings is a ~3 TFLOP matmul, minutes on a small CPU. Beyond it the time is extrapolated.
 DENSE_FULL_MAX_PIXELS = 4096
 CPU_TRAIN_BATCH = 2  # on CPU the training steps use this batch instead of the preset's (GPU-sized) one
+CRF_IMAGES = 2  # per timed call: one per worker of the 2-process pool
 KEYS = np.array([2, 11])  # the classes present in the synthetic image
 
 
@@ -54,21 +55,26 @@ class Profile:
 
 @dataclass
 class Context:
+    """What every benchmark needs: the device, the timer and whether forwards run under bf16 autocast."""
+
     device: torch.device
     meter: Meter
     amp: bool  # bf16 autocast for the forwards that run under autocast in the steps (CUDA only)
 
     def batch(self, preset_batch: int) -> int:
+        """Training batch: the preset's on CUDA, at most ``CPU_TRAIN_BATCH`` on CPU."""
         return preset_batch if self.device.type == "cuda" else min(preset_batch, CPU_TRAIN_BATCH)
 
 
 @dataclass
 class Row:
+    """One line of the results table."""
+
     bench: str
     input: str
     impl: str
     images: int  # images per timed call
-    seconds: float  # per timed call (median, or the extrapolation)
+    seconds: float  # per timed call (the fastest, or the extrapolation)
     peak_bytes: int | None
     reps: str  # "n, range x%" or how an estimate was made
     speedup: str = ""
@@ -76,11 +82,13 @@ class Row:
 
     @classmethod
     def of(cls, bench: str, input: str, impl: str, images: int, m: Measurement, **kw: str) -> Row:
+        """A row from a measurement of calls that process ``images`` images each."""
         return cls(bench, input, impl, images, m.seconds, m.peak_bytes, f"{m.reps}, range {m.spread * 100:.0f}%", **kw)
 
 
-def _ratio(baseline: float, ours: float, what: str = "") -> str:
-    return f"×{baseline / ours:.1f} {what}".rstrip()
+def _ratio(baseline: float, ours: float) -> str:
+    r = baseline / ours
+    return f"×{r:.1f}" if r < 10 else f"×{r:.0f}"
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -145,6 +153,7 @@ def per_view_cam(model: CAMNet, img: np.ndarray, scales: tuple[float, ...], keys
 
 
 def bench_make_cam(ctx: Context, p: Profile) -> list[Row]:
+    """make_cam's per-image work against the per-view baseline, on one image of the profile's size."""
     device, scales = ctx.device, tuple(p.preset["cam_scales"])
     model = CAMNet(build_backbone(p.preset["backbone"], None)).to(device).eval()
     img = synthetic_image(*p.size, seed=0)
@@ -163,7 +172,8 @@ def bench_make_cam(ctx: Context, p: Profile) -> list[Row]:
     def baseline() -> None:
         out["baseline"] = per_view_cam(model, img, scales, KEYS, device, ctx.amp)
 
-    m_ours, m_base = ctx.meter.measure(ours), ctx.meter.measure(baseline)
+    m = ctx.meter.compare({"ours": ours, "baseline": baseline})
+    m_ours, m_base = m["ours"], m["baseline"]
     diff = max(float(np.abs(a - b).max()) for a, b in zip(out["ours"], out["baseline"], strict=True))
     inp = f"{_size(p)}, {p.preset['backbone']}, {len(scales)} scales × 2 flips"
     return [
@@ -177,6 +187,7 @@ def bench_make_cam(ctx: Context, p: Profile) -> list[Row]:
 
 
 def bench_random_walk(ctx: Context, p: Profile) -> list[Row]:
+    """Sparse against dense random walk on the stride-4 grid of the profile's image size."""
     h, w = strided_size(*p.size)
     x = torch.from_numpy(synthetic_maps(3, h, w, seed=1)).to(ctx.device)
     edge = torch.from_numpy(synthetic_maps(1, h, w, seed=2)[0] ** 4).to(ctx.device)  # mostly low, some ridges
@@ -188,17 +199,19 @@ def bench_random_walk(ctx: Context, p: Profile) -> list[Row]:
         return call
 
     inp = f"{p.name} grid {h}×{w}, 3 maps"
-    m_sparse = ctx.meter.measure(walk(random_walk, "sparse", EXP_TIMES))
+    sparse = walk(random_walk, "sparse", EXP_TIMES)
     if ctx.device.type == "cuda" or h * w <= DENSE_FULL_MAX_PIXELS:
-        m_dense = ctx.meter.measure(walk(random_walk_dense, "dense", EXP_TIMES))
+        m = ctx.meter.compare({"sparse": sparse, "dense": walk(random_walk_dense, "dense", EXP_TIMES)})
+        m_sparse, m_dense = m["sparse"], m["dense"]
         dense = Row.of("random walk", inp, "baseline: dense (hw)² matrix, 8 squarings", 1, m_dense, speedup="1")
         compared = f"exp_times {EXP_TIMES}"
         out["sparse_same"] = out["sparse"]
     else:
         # Build + final product (exp_times 0), then one squaring (exp_times 1, timed once): every squaring
         # is the same (hw)³ matmul, and the peak memory of one squaring is that of eight.
-        m0 = ctx.meter.measure(walk(random_walk_dense, "dense0", 0))
-        m1 = ctx.meter.measure(walk(random_walk_dense, "dense", 1), warmup=0, reps=1)
+        m = ctx.meter.compare({"sparse": sparse, "dense0": walk(random_walk_dense, "dense0", 0)})
+        m_sparse, m0 = m["sparse"], m["dense0"]
+        m1 = ctx.meter.measure(walk(random_walk_dense, "dense", 1), warmup=False, reps=1)
         m_dense = Measurement(m0.seconds + EXP_TIMES * max(m1.seconds - m0.seconds, 0.0), 0.0, 1, m1.peak_bytes)
         dense = Row("random walk", inp, "baseline: dense (hw)² matrix, 8 squarings", 1, m_dense.seconds,
                     m1.peak_bytes, f"est.: t(0) + 8 (t(1) - t(0)), {m0.reps}+1 runs", speedup="1")
@@ -220,18 +233,21 @@ def bench_random_walk(ctx: Context, p: Profile) -> list[Row]:
 # ---------------------------------------------------------------------------------------------- CRF
 
 
-def bench_crf(ctx: Context, p: Profile, n_images: int) -> list[Row]:
+def bench_crf(ctx: Context, p: Profile) -> list[Row]:
+    """IR labels from CAMs (two dense CRFs per image) with 1 and with 2 processes."""
     h, w = p.size
     jobs = [(synthetic_image(h, w, seed=i), synthetic_maps(len(KEYS), h, w, seed=10 + i), KEYS)
-            for i in range(n_images)]
+            for i in range(CRF_IMAGES)]
     inp = f"{_size(p)}, {len(KEYS)} classes, 2 CRFs/image"
-    m1 = ctx.meter.measure(lambda: [ir_label_from_cam(*job) for job in jobs])
     # A spawn pool as in cam_to_ir_label; the warm-up map starts both workers before timing.
     with mp.get_context("spawn").Pool(2) as pool:
-        m2 = ctx.meter.measure(lambda: pool.starmap(ir_label_from_cam, jobs, chunksize=1), memory=False)
+        m = ctx.meter.compare({"one": lambda: [ir_label_from_cam(*job) for job in jobs],
+                               "pool": lambda: pool.starmap(ir_label_from_cam, jobs, chunksize=1)},
+                              no_memory={"pool"})
+    m1, m2 = m["one"], m["pool"]
     return [
-        Row.of("CRF (cam_to_ir_label)", inp, "1 process", n_images, m1, speedup="1"),
-        Row.of("CRF (cam_to_ir_label)", inp, "2 worker processes", n_images, m2,
+        Row.of("CRF (cam_to_ir_label)", inp, "1 process", CRF_IMAGES, m1, speedup="1"),
+        Row.of("CRF (cam_to_ir_label)", inp, "2 worker processes", CRF_IMAGES, m2,
                speedup=_ratio(m1.seconds, m2.seconds)),
     ]
 
@@ -247,6 +263,7 @@ def _train_row(ctx: Context, bench: str, what: str, crop: int, batch: int, prese
 
 
 def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
+    """One CAM training step as in train_cam (multi-label soft-margin loss, poly SGD)."""
     device, crop = ctx.device, p.crop or p.preset["cam_crop_size"]
     batch = ctx.batch(p.preset["cam_batch_size"])
     model = CAMNet(build_backbone(p.preset["backbone"], None)).to(device).train()
@@ -270,6 +287,7 @@ def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
 
 
 def bench_train_irn(ctx: Context, p: Profile) -> list[Row]:
+    """One IRN training step as in train_irn (radius-10 pair labels, boundary + displacement losses)."""
     device, crop = ctx.device, p.crop or p.preset["irn_crop_size"]
     batch = ctx.batch(p.preset["irn_batch_size"])
     model = IRN(build_backbone(p.preset["backbone"], None)).to(device).train()
@@ -295,6 +313,7 @@ def bench_train_irn(ctx: Context, p: Profile) -> list[Row]:
 
 
 def bench_train_deeplab(ctx: Context, p: Profile) -> list[Row]:
+    """One DeepLab training step as in train_deeplab (cross-entropy over labelled pixels, momentum SGD)."""
     device, crop = ctx.device, p.crop or p.preset["deeplab_crop_size"]
     batch = ctx.batch(p.preset["deeplab_batch_size"])
     arch, backbone = p.preset["deeplab_arch"], p.preset["deeplab_backbone"]
@@ -323,6 +342,7 @@ def bench_train_deeplab(ctx: Context, p: Profile) -> list[Row]:
 
 
 def bench_make_sem_seg(ctx: Context, p: Profile) -> list[Row]:
+    """make_sem_seg_labels' per-image path on one image of the profile's size."""
     device = ctx.device
     irn = IRN(build_backbone(p.preset["backbone"], None)).to(device).eval()
     img = synthetic_image(*p.size, seed=3)

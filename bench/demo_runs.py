@@ -1,0 +1,160 @@
+"""Run the default demo pipeline for several seeds and report every stage in docs/benchmarks.md.
+
+    python -m bench.demo_runs --seeds 0 1 2            # ~10 min a seed on 2 CPU cores; resumable
+
+Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in ``<root>/seed<N>``; seed
+0 also trains DeepLab on ground truth (the fully supervised upper bound). The report gives mean and
+standard deviation over seeds for both arms, the trivial baselines on the same evaluation split, and
+the wall time of every step of seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from misc.io import load_png, read_metrics
+from misc.metrics import confusion_matrix, segmentation_scores
+from voc12.dataset import CLASS_NAMES, read_id_list
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- demo:start -->", "<!-- demo:end -->"
+
+
+def run_seed(root: Path, seed: int, extra: list[str]) -> Path:
+    work = root / f"seed{seed}"
+    cmd = [sys.executable, str(REPO / "run_sample.py"), "--work_dir", str(work), "--seed", str(seed), *extra]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    return work
+
+
+def trivial_baselines(voc12_root: Path, eval_list: Path) -> dict[str, float]:
+    """mIoU of labelling everything background, and of labelling every pixel with its image's class.
+
+    For an image with several classes the second baseline gives each pixel the image's first class.
+    """
+    ids = read_id_list(eval_list)
+    conf_bg, conf_cls = np.zeros((21, 21), np.int64), np.zeros((21, 21), np.int64)
+    for image_id in ids:
+        gt = load_png(voc12_root / "SegmentationClass" / f"{image_id}.png")
+        classes = sorted(set(np.unique(gt).tolist()) - {0, 255})
+        conf_bg += confusion_matrix(gt, np.zeros_like(gt))
+        conf_cls += confusion_matrix(gt, np.full_like(gt, classes[0] if classes else 0))
+    names = ("background", *CLASS_NAMES)
+    return {
+        "all background": segmentation_scores(conf_bg, names)["miou"],
+        "image class everywhere": segmentation_scores(conf_cls, names)["miou"],
+    }
+
+
+def latest(rows: list[dict], step: str, variant: str, **match: object) -> dict | None:
+    found = [r for r in rows if r["step"] == step and r.get("variant") == variant
+             and all(r.get(k) == v for k, v in match.items())]
+    return found[-1] if found else None
+
+
+def summarise(works: list[Path]) -> tuple[dict, dict]:
+    """{(stage, variant): [value per seed]} and {(variant, step): seconds} of the first seed."""
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for work in works:
+        rows = read_metrics(work)
+        for variant in ("baseline", "cda"):
+            for stage, step, key, match in (
+                ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
+                ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
+                ("pseudo-mask mIoU", "eval_sem_seg", "miou", {}),
+                ("instance mAP@0.5", "eval_ins_seg", "map", {}),
+                ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo"}),
+            ):
+                row = latest(rows, step, variant, **match)
+                if row is not None:
+                    value = max(row["sweep"].values()) if key == "sweep" else row[key]
+                    values[(stage, variant)].append(value)
+        gt_rows = [r for r in rows if r["step"] == "eval_deeplab" and r.get("labels") == "gt"]
+        if gt_rows:
+            gt_row = gt_rows[-1]
+            values[("DeepLab val mIoU", "ground truth (upper bound)")].append(gt_row["miou"])
+    times = {}
+    timings = works[0] / "timings.jsonl"
+    for line in timings.read_text().splitlines():
+        t = json.loads(line)
+        times[(t["variant"], t["step"])] = t["seconds"]
+    return values, times
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.1f}"
+    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+
+
+def report(works: list[Path], seeds: list[int], baselines: dict[str, float], command: str) -> str:
+    values, times = summarise(works)
+    lines = [
+        f"Measured {date.today().isoformat()} on this repository's CI machine type (2 CPU cores), "
+        f"seeds {seeds}, with `{command}`. Mean ± standard deviation over seeds; evaluation on the demo's "
+        "`train` split (CAMs, pseudo masks, instances) and `val` split (DeepLab).",
+        "",
+        "| stage | baseline (IRNet) | CDA |",
+        "| --- | --- | --- |",
+    ]
+    stages = ["CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU", "instance mAP@0.5", "DeepLab val mIoU"]
+    for stage in stages:
+        lines.append(f"| {stage} | {_fmt(values[(stage, 'baseline')])} | {_fmt(values[(stage, 'cda')])} |")
+    gt = values.get(("DeepLab val mIoU", "ground truth (upper bound)"))
+    if gt:
+        lines.append(f"| DeepLab val mIoU, trained on ground truth | {_fmt(gt)} | |")
+    lines += ["", "Trivial baselines on the same `train` split: "
+              + ", ".join(f"{k} {v:.1f} mIoU" for k, v in baselines.items()) + ".", "",
+              "Per-seed values: `" + json.dumps({f"{s} / {v}": [round(x, 2) for x in vals]
+                                                  for (s, v), vals in values.items()}) + "`",
+              "", "Wall time of every step (seed 0, seconds):", "", "| round | step | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {variant} | {step} | {seconds:.1f} |" for (variant, step), seconds in times.items()]
+    lines.append(f"| all | total | {sum(times.values()):.1f} |")
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, body: str) -> None:
+    text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
+    section = f"{START}\n{body}\n{END}"
+    if START in text:
+        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Demo pipeline, every stage, baseline vs CDA\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--root", type=Path, default=REPO / "runs" / "demo")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    p.add_argument("--no_upper_bound", action="store_true", help="skip the GT-trained DeepLab of the first seed")
+    p.add_argument("extra", nargs="*", help="flags passed to run_sample.py (after --)")
+    args = p.parse_args(argv)
+    works = [run_seed(args.root, seed, args.extra) for seed in args.seeds]
+    if not args.no_upper_bound:
+        run_seed(args.root, args.seeds[0], [*args.extra, "--deeplab_gt", "true"])
+    demo_root = works[0] / "demo_voc12"
+    baselines = trivial_baselines(demo_root, demo_root / "ImageSets" / "Segmentation" / "train.txt")
+    command = "python -m bench.demo_runs --seeds " + " ".join(map(str, args.seeds))
+    body = report(works, args.seeds, baselines, command)
+    print(body)
+    write_section(args.out, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
