@@ -114,7 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", type=str2bool, default=True, help="mixed precision on CUDA (ignored on CPU)")
-    g.add_argument("--demo_size", type=int, nargs=3, default=(240, 80, 80), metavar=("TRAIN_AUG", "TRAIN", "VAL"))
+    g.add_argument("--demo_size", type=int, nargs=3, default=(200, 80, 80), metavar=("TRAIN_AUG", "TRAIN", "VAL"))
+    g.add_argument(
+        "--demo_context_bias",
+        type=float,
+        default=0.85,
+        help="fraction of a demo class's images on its typical background (the bias CDA addresses)",
+    )
 
     g = p.add_argument_group("dataset lists (default: shipped VOC lists, or the demo's)")
     for name in ("train_list", "val_list", "infer_list", "eval_list", "test_list"):
@@ -148,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam_crop_size", type=int, default=None)
     g.add_argument("--cam_resize_long", type=int, nargs=2, default=None)
     g.add_argument("--cam_eval_thres", type=float, default=0.15)
-    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds to sweep (default 0.05..0.60)")
+    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds (default 0.05..0.60)")
     g.add_argument("--cam_scales", type=float, nargs="+", default=None)
 
     g = p.add_argument_group("IRN and pseudo labels (spec 6-9)")
@@ -335,7 +341,8 @@ def _run_demo_generator(args: argparse.Namespace) -> None:
     if dist.is_main():
         n_train_aug, n_train, n_val = args.demo_size
         start = time.perf_counter()
-        make_demo_dataset(args.voc12_root, seed=args.seed, n_train_aug=n_train_aug, n_train=n_train, n_val=n_val)
+        make_demo_dataset(args.voc12_root, seed=args.seed, n_train_aug=n_train_aug, n_train=n_train, n_val=n_val,
+                          p_typical=args.demo_context_bias)
         log.info("demo dataset ready in %s (%.1f s)", args.voc12_root, time.perf_counter() - start)
     dist.barrier()
 
@@ -369,14 +376,19 @@ def summary_table(work_dir: str | os.PathLike) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
     try:
         args = make_args(argv)
         dist.init(args.device)
         if not dist.is_main():
-            logging.getLogger().setLevel(logging.WARNING)
+            log.setLevel(logging.WARNING)
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        logging.getLogger().addHandler(logging.FileHandler(Path(args.work_dir) / "log.txt"))
+        for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            log.removeHandler(old)  # main() may run several times in one process (tests, notebooks)
+        file_log = logging.FileHandler(Path(args.work_dir) / "log.txt")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(file_log)
         dist.seed_everything(args.seed)
         run_pipeline(args)
     except UserError as e:

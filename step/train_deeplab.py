@@ -27,7 +27,7 @@ from misc.checkpoint import gather_rng_states, load_checkpoint, save_checkpoint
 from misc.errors import UserError
 from misc.io import atomic_write
 from misc.optim import PolyOptimizer
-from misc.pipeline import autocast
+from misc.pipeline import autocast, dir_fingerprint, fingerprint, mark_done, up_to_date
 from misc.weights import resolve_weights
 from net.deeplab import DeepLab, build_deeplab
 from voc12.dataset import IGNORE, SegmentationDataset, VOCLayout, read_id_list
@@ -133,6 +133,13 @@ def run(args: argparse.Namespace) -> None:
         "iters": iters, "batch_size": batch, "lr": lr, "weight_decay": args.deeplab_weight_decay,
         "crop_size": args.deeplab_crop_size, "labels": str(labels), "num_images": len(ids), "seed": args.seed,
     }
+    if not args.deeplab_gt:
+        # New pseudo masks under the same path must retrain: the folder's fingerprint changes with them.
+        settings["labels_fingerprint"] = dir_fingerprint(labels, "make_sem_seg_labels")
+    fp = fingerprint(**settings)
+    if up_to_date(final_path, fp):
+        log.info("train_deeplab: %s is up to date with its inputs; skipping (delete it to retrain)", final_path)
+        return
     it = 0
     if ckpt_path.is_file():
         it = load_checkpoint(ckpt_path, model, optimizer, None, expect_extra=settings)
@@ -177,6 +184,7 @@ def run(args: argparse.Namespace) -> None:
     if dist.is_main():
         with atomic_write(final_path) as f:
             torch.save(model.state_dict(), f)
+        mark_done(final_path, fp)
         # The final weights supersede the resume point (twice their size with the momentum buffers).
         ckpt_path.unlink(missing_ok=True)
         log.info("train_deeplab: saved %s", final_path)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import run_sample
+from bench.demo_runs import trivial_baselines
 from misc.io import load_cam, save_cam
 from misc.labels import scores_to_label
 from misc.pipeline import prepare_output_dir
@@ -49,10 +50,12 @@ def test_scores_to_label_by_hand():
 def test_tiny_cam_run_beats_trivial_baselines(tiny_run):
     row = tiny_run.metric("eval_cam")
     assert row["split"] == "train" and row["threshold"] == 0.15
-    assert set(row["sweep"]) >= {"0.15", "0.05", "0.25"}
-    # All-background scores ~ (bg IoU ~ 0.6) / (number of classes present) and the "whole image is each
-    # of its classes" baseline stays below ~25 on the demo (docs/benchmarks.md); trained CAMs clear both.
-    assert row["miou"] > 30, row
+    assert set(row["sweep"]) >= {"0.15", "0.05", "0.60"}
+    demo = tiny_run.work_dir / "demo_voc12"
+    baselines = trivial_baselines(demo, demo / "ImageSets" / "Segmentation" / "train.txt")
+    # ~8.6 (all background) and ~18.6 (each image's class everywhere) on this split; three epochs of
+    # CAM training on 64 images reach ~26.
+    assert row["miou"] > max(baselines.values()) + 4, (row["miou"], baselines)
 
 
 def test_make_cam_files_and_resume(tiny_run, monkeypatch):

@@ -1,0 +1,85 @@
+"""The tiny whole-pipeline run (tests/conftest.py): every stage's outputs, metrics and resume behaviour."""
+
+import json
+
+import numpy as np
+
+import run_sample
+from misc.instances import rle_to_mask
+from misc.io import load_png
+from step.eval_ins_seg import load_detections
+from voc12.dataset import read_id_list
+
+
+def _ids(tiny_run, split):
+    return read_id_list(tiny_run.work_dir / "demo_voc12" / "ImageSets" / "Segmentation" / f"{split}.txt")
+
+
+def test_pseudo_masks_cover_the_training_list_in_both_rounds(tiny_run):
+    train_aug = _ids(tiny_run, "train_aug")
+    for variant in ("baseline", "cda"):
+        masks = tiny_run.work_dir / variant / "sem_seg"
+        assert sorted(p.stem for p in masks.glob("*.png")) == sorted(train_aug)
+        for image_id in train_aug[:8]:
+            mask = load_png(masks / f"{image_id}.png")
+            gt = load_png(tiny_run.work_dir / "demo_voc12" / "SegmentationClass" / f"{image_id}.png")
+            assert mask.shape == gt.shape and mask.max() <= 20
+        ir = load_png(tiny_run.work_dir / variant / "ir_label" / f"{train_aug[0]}.png")
+        assert set(np.unique(ir)) <= {0, 255, *range(1, 21)}
+        row = tiny_run.metric("eval_sem_seg", variant)
+        assert row["split"] == "train" and set(row["per_class"]) >= {"background", "aeroplane"}
+        # Above labelling everything background (~8.6 mIoU on this split).
+        assert row["miou"] > 12
+
+
+def test_instance_labels_and_coco_export(tiny_run):
+    ids = _ids(tiny_run, "train")
+    out = tiny_run.work_dir / "baseline" / "ins_seg"
+    det = load_detections(out / f"{ids[0]}.npz")
+    h, w = load_png(tiny_run.work_dir / "demo_voc12" / "SegmentationClass" / f"{ids[0]}.png").shape
+    assert det["mask"].shape[1:] == (h, w) and len(det["score"]) == len(det["class"]) == len(det["mask"])
+    row = tiny_run.metric("eval_ins_seg")
+    # A looser IoU threshold can only match more detections.
+    assert row["map@0.25"] >= row["map@0.5"] >= row["map@0.75"] >= 0
+    coco = json.loads((tiny_run.work_dir / "baseline" / "instances_coco.json").read_text())
+    assert len(coco["images"]) == len(ids) and len(coco["categories"]) == 20
+    first = [a for a in coco["annotations"] if a["image_id"] == 1]
+    assert len(first) == len(det["score"])
+    for ann, mask in zip(first, det["mask"], strict=True):
+        np.testing.assert_array_equal(rle_to_mask(ann["segmentation"]), mask)
+
+
+def test_cda_round_trains_on_composites_with_the_reference_schedule(tiny_run):
+    bank = tiny_run.work_dir / "cda" / "bank"
+    assert (bank / "index.json").is_file() and (bank / "composites.png").is_file()
+    rows = [json.loads(x) for x in (tiny_run.work_dir / "cda" / "sess" / "cam.pth.log.jsonl").read_text().splitlines()]
+    base = (tiny_run.work_dir / "baseline" / "sess" / "cam.pth.log.jsonl").read_text().splitlines()
+    # Half-batches of originals plus their composites: twice the steps of the baseline round.
+    assert len(rows) == 2 * len(base) == 48
+    # The reference sized the poly schedule for the full batch (T = 24), so the LR freezes half-way.
+    lrs = [r["lr"][0] for r in rows]
+    assert lrs[0] == 0.1 and lrs[23] > lrs[24] and lrs[24:] == [lrs[24]] * 24
+    assert tiny_run.metric("eval_cam", "cda")["miou"] > 10
+
+
+def test_deeplab_trained_on_the_last_rounds_masks_and_evaluated_on_val(tiny_run):
+    row = tiny_run.metric("eval_deeplab", "cda")
+    assert row["split"] == "val" and row["postprocess"] == "msf" and row["labels"] == "pseudo"
+    preds = tiny_run.work_dir / "deeplab" / "cda" / "pred_val"
+    assert sorted(p.stem for p in preds.glob("*.png")) == sorted(_ids(tiny_run, "val"))
+
+
+def test_every_metrics_row_names_its_round(tiny_run):
+    assert all(r["variant"] in ("baseline", "cda") for r in tiny_run.metrics())
+
+
+def test_rerun_is_a_resume_not_a_retrain(tiny_run):
+    before = {(r["variant"], r["step"]): r.get("miou", r.get("map")) for r in tiny_run.metrics()}
+    assert run_sample.main(tiny_run.flags) == 0
+    timings = [json.loads(x) for x in (tiny_run.work_dir / "timings.jsonl").read_text().splitlines()]
+    second = timings[len(timings) // 2:]
+    for t in second:
+        if t["step"].startswith(("train_", "make_")):
+            assert t["seconds"] < 2, t
+    after = {(r["variant"], r["step"]): r.get("miou", r.get("map")) for r in tiny_run.metrics()}
+    assert after == before
