@@ -66,14 +66,20 @@ def _images_and_labels(batch: dict, device: torch.device) -> tuple[torch.Tensor,
     return imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+TRAINING_SETTINGS = ("cam_batch_size", "cam_num_epoches", "cam_learning_rate", "cam_weight_decay", "cam_momentum",
+                     "cam_crop_size", "cam_resize_long", "cam_aug", "cda_max_size", "cda_max_angle",
+                     "cda_mask_order", "cda_schedule", "backbone", "backbone_weights", "seed")
+
+
 def _fingerprint(args: argparse.Namespace) -> str:
-    """Everything the trained weights depend on: settings, lists, labels and (with CDA) the object bank."""
-    settings = {k: v for k, v in vars(args).items() if k.startswith(("cam_", "cda_")) and k != "cam_eval_sweep"}
+    """What the trained weights depend on: training settings, lists, labels and (with CDA) the object bank.
+
+    Paths and evaluation-only settings are left out, so moving a work dir or changing a threshold keeps them.
+    """
     inputs = {"labels": file_fingerprint(args.cls_labels), "train": file_fingerprint(args.train_list)}
     if args.cam_aug:
         inputs["bank"] = file_fingerprint(Path(args.cda_bank_dir) / "index.json")
-    return fingerprint(settings=settings, inputs=inputs, backbone=args.backbone, weights=args.backbone_weights,
-                       seed=args.seed)
+    return fingerprint(settings={k: getattr(args, k) for k in TRAINING_SETTINGS}, inputs=inputs)
 
 
 def run(args: argparse.Namespace) -> None:

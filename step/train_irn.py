@@ -22,6 +22,7 @@ from misc.optim import PolyOptimizer
 from misc.pipeline import (
     autocast,
     dir_fingerprint,
+    file_fingerprint,
     fingerprint,
     require_files,
     train_loader,
@@ -43,6 +44,8 @@ from voc12.dataset import (
 log = logging.getLogger("wsss")
 
 TRAIN_RADIUS = 10  # PathIndex radius during training (spec 7.2); inference uses 5
+TRAINING_SETTINGS = ("irn_crop_size", "irn_batch_size", "irn_num_epoches", "irn_learning_rate", "irn_weight_decay",
+                     "irn_momentum", "backbone", "backbone_weights", "seed")
 
 
 def build_irn(args: argparse.Namespace, device: torch.device) -> IRN:
@@ -64,9 +67,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.irn_weights_name)
     ids = read_id_list(args.train_list)
     require_files(args.ir_label_out_dir, ids, ".png", "cam_to_ir_label")
-    settings = {k: v for k, v in vars(args).items() if k.startswith("irn_") and k != "irn_weights"}
+    settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
     fp = fingerprint(settings=settings, labels=dir_fingerprint(args.ir_label_out_dir, "cam_to_ir_label"),
-                     backbone=args.backbone, weights=args.backbone_weights, seed=args.seed, infer=args.infer_list)
+                     train=file_fingerprint(args.train_list), mean_shift=file_fingerprint(args.infer_list))
     if up_to_date(out, fp):
         log.info("train_irn: %s is up to date with its inputs; skipping (delete it to retrain)", out)
         return
