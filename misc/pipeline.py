@@ -51,6 +51,11 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return f"{stat.st_size}-{stat.st_mtime_ns}"
 
 
+def content_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a small input file (list, labels, bank index) by content: rewriting it unchanged keeps it."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def weights_fingerprint(spec: str | os.PathLike) -> str:
     """A weights file's fingerprint, or the registry name itself (a registry entry is pinned by its hash)."""
     return file_fingerprint(spec) if Path(spec).is_file() else str(spec)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from misc import dist
 from misc.optim import PolyOptimizer
-from misc.pipeline import autocast, file_fingerprint, fingerprint, train_loader, up_to_date
+from misc.pipeline import autocast, content_fingerprint, fingerprint, train_loader, up_to_date
 from misc.train import save_trained, train_epochs
 from misc.weights import resolve_weights
 from net.backbone import build_backbone
@@ -76,9 +76,9 @@ def _fingerprint(args: argparse.Namespace) -> str:
 
     Paths and evaluation-only settings are left out, so moving a work dir or changing a threshold keeps them.
     """
-    inputs = {"labels": file_fingerprint(args.cls_labels), "train": file_fingerprint(args.train_list)}
+    inputs = {"labels": content_fingerprint(args.cls_labels), "train": content_fingerprint(args.train_list)}
     if args.cam_aug:
-        inputs["bank"] = file_fingerprint(Path(args.cda_bank_dir) / "index.json")
+        inputs["bank"] = content_fingerprint(Path(args.cda_bank_dir) / "index.json")
     return fingerprint(settings={k: getattr(args, k) for k in TRAINING_SETTINGS}, inputs=inputs)
 
 

@@ -21,8 +21,8 @@ from misc.indexing import affinity_labels, get_path_index
 from misc.optim import PolyOptimizer
 from misc.pipeline import (
     autocast,
+    content_fingerprint,
     dir_fingerprint,
-    file_fingerprint,
     fingerprint,
     require_files,
     train_loader,
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     require_files(args.ir_label_out_dir, ids, ".png", "cam_to_ir_label")
     settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
     fp = fingerprint(settings=settings, labels=dir_fingerprint(args.ir_label_out_dir, "cam_to_ir_label"),
-                     train=file_fingerprint(args.train_list), mean_shift=file_fingerprint(args.infer_list))
+                     train=content_fingerprint(args.train_list), mean_shift=content_fingerprint(args.infer_list))
     if up_to_date(out, fp):
         log.info("train_irn: %s is up to date with its inputs; skipping (delete it to retrain)", out)
         return
