@@ -20,18 +20,19 @@ from PIL import Image
 from bench.measure import Measurement, Meter
 from misc.crf import ir_label_from_cam
 from misc.imutils import hwc_to_chw, normalize, rescale
-from misc.indexing import affinity_labels, get_path_index, random_walk, random_walk_dense
+from misc.indexing import get_path_index, random_walk, random_walk_dense
 from misc.labels import scores_to_label
 from misc.optim import PolyOptimizer
 from misc.pipeline import autocast
 from net.backbone import build_backbone
 from net.cam import CAMNet
 from net.deeplab import build_deeplab
-from net.irn import IRN, edge_and_displacement, irn_loss
+from net.irn import IRN, edge_and_displacement
+from step import train_cam, train_irn
 from step.make_cam import MultiScaleDataset, multiscale_cam, strided_size
 from step.make_sem_seg_labels import propagate
+from step.train_deeplab import segmentation_loss
 from step.train_irn import TRAIN_RADIUS
-from voc12.dataset import IGNORE
 
 # Random-walk settings of the pipeline (run_sample defaults, spec 8.2).
 BETA, EXP_TIMES, RW_RADIUS = 10, 8, 5
@@ -274,10 +275,10 @@ def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
     labels = torch.zeros(batch, 20, device=device)
     labels[:, KEYS] = 1
 
+    batch_data = {"img": imgs, "label": labels}
+
     def step() -> None:
-        with autocast(device, ctx.amp):
-            logits = model(imgs)
-        loss = F.multilabel_soft_margin_loss(logits.float(), labels)
+        loss = train_cam.batch_losses(model, batch_data, device, ctx.amp)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -297,15 +298,12 @@ def bench_train_irn(ctx: Context, p: Profile) -> list[Row]:
     imgs = torch.randn(batch, 3, crop, crop, device=device)
     ir_labels = np.stack([synthetic_label(grid, grid, cls=1 + i % 20) for i in range(batch)])
 
+    batch_data = {"img": imgs, "label": torch.from_numpy(ir_labels)}
+
     def step() -> None:
-        # As train_irn: the pair labels are built per batch on the host, then moved.
-        labels = [affinity_labels(lab, path_index) for lab in ir_labels]
-        bg_pos, fg_pos, neg = (torch.stack(t).to(device) for t in zip(*labels, strict=True))
-        with autocast(device, ctx.amp):
-            edge, disp = model(imgs)
-        losses = irn_loss(edge.float(), disp.float(), bg_pos, fg_pos, neg, path_index)
+        loss = train_irn.batch_losses(model, batch_data, path_index, device, ctx.amp)["total"]
         opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        loss.backward()
         opt.step()
 
     return [_train_row(ctx, "train_irn", f"{p.name}, {p.preset['backbone']}", crop, batch,
@@ -328,8 +326,7 @@ def bench_train_deeplab(ctx: Context, p: Profile) -> list[Row]:
     def step() -> None:
         with autocast(device, ctx.amp):
             logits = model(imgs)
-        valid = (target != IGNORE).sum().clamp(min=1)
-        loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum") / valid
+        loss = segmentation_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

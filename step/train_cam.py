@@ -82,6 +82,14 @@ def _fingerprint(args: argparse.Namespace) -> str:
     return fingerprint(settings={k: getattr(args, k) for k in TRAINING_SETTINGS}, inputs=inputs)
 
 
+def batch_losses(net: torch.nn.Module, batch: dict, device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
+    """Multilabel soft-margin loss of a batch (originals, plus composites with CDA), averaged over images."""
+    imgs, labels = _images_and_labels(batch, device)
+    with autocast(device, amp):
+        logits = net(imgs)
+    return {"loss": F.multilabel_soft_margin_loss(logits.float(), labels)}
+
+
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     out = Path(args.cam_weights_name)
@@ -112,10 +120,7 @@ def run(args: argparse.Namespace) -> None:
              args.cam_num_epoches, max_step, " with CDA composites" if args.cam_aug else "")
 
     def losses(net: torch.nn.Module, batch_data: dict) -> dict[str, torch.Tensor]:
-        imgs, labels = _images_and_labels(batch_data, device)
-        with autocast(device, args.amp):
-            logits = net(imgs)
-        return {"loss": F.multilabel_soft_margin_loss(logits.float(), labels)}
+        return batch_losses(net, batch_data, device, args.amp)
 
     def report(epoch: int) -> None:
         log.info("epoch %d: val loss %.4f", epoch + 1, validate(model, args, device))

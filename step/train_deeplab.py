@@ -95,6 +95,15 @@ def build_model(args: argparse.Namespace, backbone_weights: str | os.PathLike | 
     )
 
 
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, C, H, W) logits against (B, H, W) labels, ignoring 255.
+
+    The mean over labelled pixels, and 0 (not NaN) for a batch whose crops are all ignore.
+    """
+    valid = (target != IGNORE).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum") / valid
+
+
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     out_dir = Path(args.deeplab_dir)
@@ -159,9 +168,7 @@ def run(args: argparse.Namespace) -> None:
             target = data["label"].to(device, non_blocking=True)
             with autocast(device, args.amp):
                 logits = net(imgs)
-            # Mean over labelled pixels, and 0 (not NaN) for a batch whose crops are all ignore.
-            valid = (target != IGNORE).sum().clamp(min=1)
-            loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum") / valid
+            loss = segmentation_loss(logits, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from misc import dist
 from misc.errors import UserError
 from misc.imutils import hwc_to_chw, normalize
-from misc.indexing import affinity_labels, get_path_index
+from misc.indexing import PathIndex, affinity_labels, get_path_index
 from misc.optim import PolyOptimizer
 from misc.pipeline import (
     autocast,
@@ -62,6 +62,20 @@ def irn_weights(args: argparse.Namespace) -> str:
     return args.irn_weights_name
 
 
+def batch_losses(
+    net: torch.nn.Module, batch: dict, path_index: PathIndex, device: torch.device, amp: bool
+) -> dict[str, torch.Tensor]:
+    """IRN losses of a batch: images (B, 3, S, S) and IR labels (B, S/4, S/4); ``total`` first."""
+    img = batch["img"].to(device, non_blocking=True)
+    # Pair labels are built on the host per image, then moved: (B, K, n_sources) each.
+    labels = [affinity_labels(lab, path_index) for lab in batch["label"].numpy()]
+    bg_pos, fg_pos, neg = (torch.stack(t).to(device) for t in zip(*labels, strict=True))
+    with autocast(device, amp):
+        edge, disp = net(img)
+    terms = irn_loss(edge.float(), disp.float(), bg_pos, fg_pos, neg, path_index)
+    return {"total": terms.pop("total"), **terms}
+
+
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     out = Path(args.irn_weights_name)
@@ -90,13 +104,7 @@ def run(args: argparse.Namespace) -> None:
     log.info("train_irn: %d images, %d steps/epoch x %d epochs", len(dataset), len(loader), args.irn_num_epoches)
 
     def losses(net: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        img = batch["img"].to(device, non_blocking=True)
-        labels = [affinity_labels(lab, path_index) for lab in batch["label"].numpy()]
-        bg_pos, fg_pos, neg = (torch.stack(t).to(device) for t in zip(*labels, strict=True))
-        with autocast(device, args.amp):
-            edge, disp = net(img)
-        terms = irn_loss(edge.float(), disp.float(), bg_pos, fg_pos, neg, path_index)
-        return {"total": terms.pop("total"), **terms}
+        return batch_losses(net, batch, path_index, device, args.amp)
 
     train_epochs(model, optimizer, loader, args.irn_num_epoches, out, fp, losses)
     shift = estimate_mean_shift(model, _mean_shift_loader(args))
