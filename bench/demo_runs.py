@@ -112,7 +112,8 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
     ]
     stages = ["CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU", "instance mAP@0.5", "DeepLab val mIoU"]
     for stage in stages:
-        lines.append(f"| {stage} | {_fmt(values[(stage, 'baseline')])} | {_fmt(values[(stage, 'cda')])} |")
+        base, cda = (_fmt(values.get((stage, variant), [])) for variant in ("baseline", "cda"))
+        lines.append(f"| {stage} | {base} | {cda} |")
     gt = values.get(("DeepLab val mIoU", "ground truth (upper bound)"))
     if gt:
         lines.append(f"| DeepLab val mIoU, trained on ground truth | {_fmt(gt)} | |")
