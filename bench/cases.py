@@ -263,6 +263,18 @@ def _train_row(ctx: Context, bench: str, what: str, crop: int, batch: int, prese
     return Row.of(bench, f"{what}, crop {crop}², batch {batch}{batch_note}", "one optimiser step", batch, m)
 
 
+def _optimiser_step(opt: torch.optim.Optimizer, loss: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One timed training step: the loss (forward), backward and the optimiser update."""
+
+    def step() -> None:
+        value = loss()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+
+    return step
+
+
 def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
     """One CAM training step as in train_cam (multi-label soft-margin loss, poly SGD)."""
     device, crop = ctx.device, p.crop or p.preset["cam_crop_size"]
@@ -277,11 +289,7 @@ def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
 
     batch_data = {"img": imgs, "label": labels}
 
-    def step() -> None:
-        loss = train_cam.batch_losses(model, batch_data, device, ctx.amp)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = _optimiser_step(opt, lambda: train_cam.batch_losses(model, batch_data, device, ctx.amp)["loss"])
 
     return [_train_row(ctx, "train_cam", f"{p.name}, {p.preset['backbone']}", crop, batch,
                        p.preset["cam_batch_size"], step)]
@@ -300,11 +308,7 @@ def bench_train_irn(ctx: Context, p: Profile) -> list[Row]:
 
     batch_data = {"img": imgs, "label": torch.from_numpy(ir_labels)}
 
-    def step() -> None:
-        loss = train_irn.batch_losses(model, batch_data, path_index, device, ctx.amp)["total"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = _optimiser_step(opt, lambda: train_irn.batch_losses(model, batch_data, path_index, device, ctx.amp)["total"])
 
     return [_train_row(ctx, "train_irn", f"{p.name}, {p.preset['backbone']}", crop, batch,
                        p.preset["irn_batch_size"], step)]
@@ -323,13 +327,11 @@ def bench_train_deeplab(ctx: Context, p: Profile) -> list[Row]:
     target = torch.from_numpy(np.stack([synthetic_label(crop, crop, cls=1 + i % 20) for i in range(batch)]))
     target = target.long().to(device)
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         with autocast(device, ctx.amp):
-            logits = model(imgs)
-        loss = segmentation_loss(logits, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            return segmentation_loss(model(imgs), target)
+
+    step = _optimiser_step(opt, loss)
 
     return [_train_row(ctx, "train_deeplab", f"{p.name}, DeepLab-{arch} {backbone}", crop, batch,
                        p.preset["deeplab_batch_size"], step)]
