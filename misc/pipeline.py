@@ -13,18 +13,20 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
 from misc import dist
 from misc.errors import UserError
 from misc.io import append_metrics, atomic_write, load_png, save_json
 from misc.metrics import confusion_matrix, segmentation_scores
+from voc12.dataset import CLASS_NAMES
 
 log = logging.getLogger("wsss")
 
@@ -173,35 +175,37 @@ def gt_path(voc12_root: str | os.PathLike, image_id: str) -> Path:
     return Path(voc12_root) / "SegmentationClass" / f"{image_id}.png"
 
 
+def gt_confusions(voc12_root: str | os.PathLike, image_id: str, preds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(21, 21) confusion matrices of (H, W) label maps of one image against its ``SegmentationClass`` mask."""
+    gt = load_png(gt_path(voc12_root, image_id))
+    for pred in preds:
+        if pred.shape != gt.shape:
+            raise UserError(
+                f"prediction for {image_id} is {pred.shape} but its ground truth is {gt.shape}: the outputs "
+                "of an earlier step do not match this dataset; delete them and re-run that step."
+            )
+    return [confusion_matrix(gt, pred) for pred in preds]
+
+
 def evaluate_segmentation(
     args: argparse.Namespace,
     ids: list[str],
     predict: Callable[[str], np.ndarray | list[np.ndarray]],
     desc: str,
 ) -> list[dict[str, Any]]:
-    """Score label maps against VOC ``SegmentationClass`` and append the results to metrics.jsonl.
+    """Score label maps against VOC ``SegmentationClass`` (the caller records the rows).
 
     ``predict(id)`` returns one (H, W) label map, or a list of them (one per setting being swept, e.g.
     thresholds); the confusion matrices accumulate over all images (dataset-level IoU, spec 5).
     Returns one score dict per setting (``misc.metrics.segmentation_scores``).
     """
-    from tqdm import tqdm
-
-    from voc12.dataset import CLASS_NAMES
-
     require_gt(args.voc12_root, ids)
-    confusions: list[np.ndarray] = []
+    totals: list[np.ndarray] = []
     for image_id in tqdm(ids, desc=desc, disable=not dist.is_main(), mininterval=2):
-        gt = load_png(gt_path(args.voc12_root, image_id))
         preds = predict(image_id)
-        preds = preds if isinstance(preds, list) else [preds]
-        if not confusions:
-            confusions = [np.zeros((21, 21), np.int64) for _ in preds]
-        for conf, pred in zip(confusions, preds, strict=True):
-            if pred.shape != gt.shape:
-                raise UserError(f"prediction for {image_id} is {pred.shape} but its ground truth is {gt.shape}")
-            conf += confusion_matrix(gt, pred)
-    return [segmentation_scores(conf, ("background", *CLASS_NAMES)) for conf in confusions]
+        confusions = gt_confusions(args.voc12_root, image_id, preds if isinstance(preds, list) else [preds])
+        totals = confusions if not totals else [t + c for t, c in zip(totals, confusions, strict=True)]
+    return [segmentation_scores(conf, ("background", *CLASS_NAMES)) for conf in totals]
 
 
 def require_gt(voc12_root: str | os.PathLike, ids: list[str]) -> None:

@@ -28,12 +28,12 @@ from misc.crf import crf_inference_prob
 from misc.errors import UserError
 from misc.imutils import hwc_to_chw, normalize, scaled_size
 from misc.io import atomic_write, load_png, save_png
-from misc.metrics import confusion_matrix, segmentation_scores
+from misc.metrics import segmentation_scores
 from misc.pipeline import (
     autocast,
     file_fingerprint,
     fingerprint,
-    gt_path,
+    gt_confusions,
     prepare_output_dir,
     record,
     require_gt,
@@ -120,11 +120,7 @@ def run(args: argparse.Namespace) -> None:
     pred_dir = prepare_output_dir(pred_dir, fp, ".png")
     conf = np.zeros((21, 21), dtype=np.int64)
     for image_id, pred in predict_ids(args, model, device, ids, pred_dir, f"eval_deeplab {split}"):
-        gt = load_png(gt_path(args.voc12_root, image_id))
-        if pred.shape != gt.shape:
-            raise UserError(f"prediction {pred_dir / image_id}.png is {pred.shape} but its ground truth is "
-                            f"{gt.shape}: delete {pred_dir} and re-run eval_deeplab.")
-        conf += confusion_matrix(gt, pred)
+        conf += gt_confusions(args.voc12_root, image_id, [pred])[0]
     if dist.world_size() > 1:
         total = torch.from_numpy(conf).to(device)
         torch_dist.all_reduce(total)
