@@ -19,6 +19,7 @@ their number of bank objects so each object is equally likely, which stops the f
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -183,22 +184,15 @@ class CompositeDataset(torch.utils.data.Dataset):
         bank: Bank,
         *,
         seed: int = 0,
-        max_size: float = 0.7,
-        max_angle: int = 90,
-        rescale: tuple[float, float] | None = None,
-        image_order: int = 3,
-        mask_order: int = 0,
-        mask_resize: Literal["half", "nonzero"] = "half",
-        class_weights: Literal["uniform", "bank"] = "uniform",
+        **composite_options: Any,
     ) -> None:
+        # make_composite owns the options and their defaults; a wrong keyword fails here, not in a worker.
+        inspect.signature(make_composite).bind_partial(**composite_options)
         self.base = base
         self.bank = bank
         self.seed = seed
         self.epoch = 0
-        self.composite_options = dict(
-            max_size=max_size, max_angle=max_angle, rescale=rescale, image_order=image_order,
-            mask_order=mask_order, mask_resize=mask_resize, class_weights=class_weights,
-        )  # fmt: skip
+        self.composite_options = composite_options
 
     def __len__(self) -> int:
         return len(self.base)

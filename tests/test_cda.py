@@ -264,3 +264,10 @@ def test_make_aug_fg_step(voc):
     (masks / "c.png").unlink()
     with pytest.raises(UserError, match="1 of 4 training images are missing"):
         make_aug_fg.run(args)
+
+
+def test_composite_dataset_rejects_unknown_options_at_construction():
+    from cda.composite import CompositeDataset
+
+    with pytest.raises(TypeError):
+        CompositeDataset(None, {}, max_sise=0.7)
