@@ -24,10 +24,12 @@ from pathlib import Path
 from misc import dist
 from misc.errors import UserError
 from misc.io import read_metrics
+from misc.thresholds import REFERENCE, WALKED, apply_calibration
 
 log = logging.getLogger("wsss")
 
 SHIPPED_LISTS = Path(__file__).resolve().parent / "voc12" / "data"
+IRN_EPOCHS_DEMO = 6
 
 # Preset values fill every flag the user did not give. "voc" is IRNet/CDA's published configuration
 # (spec section 12); "demo" is sized so the whole pipeline runs in minutes on a 2-core CPU.
@@ -43,6 +45,9 @@ PRESETS: dict[str, dict[str, object]] = {
         irn_crop_size=512,
         irn_batch_size=32,
         irn_num_epoches=3,
+        exp_times=8,
+        rw_normalize=False,
+        calibrate_thresholds=False,
         deeplab_arch="v2",
         deeplab_backbone="resnet101",
         deeplab_weights="resnet101_imagenet_legacy",
@@ -64,7 +69,14 @@ PRESETS: dict[str, dict[str, object]] = {
         cam_scales=(1.0, 0.5, 1.5),
         irn_crop_size=128,
         irn_batch_size=16,
-        irn_num_epoches=3,
+        irn_num_epoches=IRN_EPOCHS_DEMO,
+        # The walk's reach grows with sqrt(steps): 2^8 steps on VOC's ~94x125 grid cover as much of the image
+        # as 2^5 on the demo's ~40x45 grid (grid area ratio ~1/6.5, 2^(8 - 2.7)).
+        exp_times=5,
+        # EfficientNet-Lite0's demo CAMs spill onto the context (best threshold ~0.55, not VOC's 0.15):
+        # thresholds follow the CAMs (misc.thresholds) and the walk keeps CAM units (propagate).
+        rw_normalize=True,
+        calibrate_thresholds=True,
         deeplab_arch="v3+",
         deeplab_backbone="efficientnet_lite0",
         deeplab_weights="efficientnet_lite0_imagenet",
@@ -155,12 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam_crop_size", type=int, default=None)
     g.add_argument("--cam_resize_long", type=int, nargs=2, default=None)
     g.add_argument("--cam_eval_thres", type=float, default=0.15)
-    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds (default 0.05..0.60)")
+    g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds (default 0.05..0.95)")
     g.add_argument("--cam_scales", type=float, nargs="+", default=None)
 
     g = p.add_argument_group("IRN and pseudo labels (spec 6-9)")
-    g.add_argument("--conf_fg_thres", type=float, default=0.30)
-    g.add_argument("--conf_bg_thres", type=float, default=0.05)
+    thres_help = "default: the reference's {:.2f}, or calibrated with --calibrate_thresholds"
+    g.add_argument(
+        "--calibrate_thresholds",
+        type=str2bool,
+        default=None,
+        help="derive the seed and pseudo-mask thresholds from eval_cam's best threshold (misc.thresholds; uses "
+        "the eval split's ground truth); thresholds given explicitly are kept",
+    )
+    g.add_argument("--conf_fg_thres", type=float, default=None, help=thres_help.format(REFERENCE["conf_fg_thres"]))
+    g.add_argument("--conf_bg_thres", type=float, default=None, help=thres_help.format(REFERENCE["conf_bg_thres"]))
     g.add_argument("--irn_crop_size", type=int, default=None)
     g.add_argument("--irn_batch_size", type=int, default=None)
     g.add_argument("--irn_num_epoches", type=int, default=None)
@@ -168,9 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--irn_weight_decay", type=float, default=1e-4)
     g.add_argument("--irn_momentum", type=float, default=None, help="as --cam_momentum")
     g.add_argument("--beta", type=float, default=10)
-    g.add_argument("--exp_times", type=int, default=8)
-    g.add_argument("--sem_seg_bg_thres", type=float, default=0.25)
-    g.add_argument("--ins_seg_bg_thres", type=float, default=0.25)
+    g.add_argument("--exp_times", type=int, default=None, help="the walk takes 2^exp_times steps")
+    g.add_argument(
+        "--rw_normalize",
+        type=str2bool,
+        default=None,
+        help="divide the walked CAMs by the walked boundary mass (CAM units) instead of by their global max",
+    )
+    for name in WALKED:
+        g.add_argument(f"--{name}", type=float, default=None, help=thres_help.format(REFERENCE[name]))
 
     g = p.add_argument_group("Context Decoupling Augmentation (spec 10)")
     g.add_argument("--cda", type=str2bool, default=True, help="run the CDA round after the baseline round")
@@ -260,7 +286,12 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.cls_labels is None:
         args.cls_labels = str(Path(args.work_dir) / "cls_labels.tsv")
     if args.cam_eval_sweep is None:
-        args.cam_eval_sweep = [round(0.05 * i, 2) for i in range(1, 13)]
+        args.cam_eval_sweep = [round(0.05 * i, 2) for i in range(1, 20)]
+    # Thresholds left unset take the reference values, or the calibrated ones once eval_cam has run.
+    args.calibrated_thresholds = [n for n in REFERENCE if getattr(args, n) is None] if args.calibrate_thresholds else []
+    for name in REFERENCE:
+        if getattr(args, name) is None and not args.calibrate_thresholds:
+            setattr(args, name, REFERENCE[name])
     _check_flags(args, parser)
     return _round_paths(args, "baseline")
 
@@ -273,7 +304,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         args.irn_weights = args.irn_weights or "cda_irnet_resnet50_irn"
         args.cda = False
         args.train_deeplab_pass = args.eval_deeplab_pass = False
-    if args.conf_bg_thres >= args.conf_fg_thres:
+    if None not in (args.conf_bg_thres, args.conf_fg_thres) and args.conf_bg_thres >= args.conf_fg_thres:
         parser.error(f"--conf_bg_thres ({args.conf_bg_thres}) must be below --conf_fg_thres ({args.conf_fg_thres})")
     if not 0 < args.cda_min_ratio < args.cda_max_ratio <= 1:
         parser.error("need 0 < --cda_min_ratio < --cda_max_ratio <= 1")
@@ -327,6 +358,10 @@ def run_pipeline(args: argparse.Namespace) -> None:
         for flag, module in ROUND_STEPS:
             if getattr(args, f"{flag}_pass"):
                 _run_step(module, r, timings)
+            if flag == "eval_cam" and args.calibrated_thresholds and any(
+                getattr(args, f"{later}_pass") for later in ("cam_to_ir_label", "make_sem_seg", "make_ins_seg")
+            ):
+                apply_calibration(r)
     final = _round_paths(args, rounds[-1])
     if args.train_deeplab_pass:
         _run_step("train_deeplab", final, timings)

@@ -346,7 +346,7 @@ def bench_make_sem_seg(ctx: Context, p: Profile) -> list[Row]:
     irn = IRN(build_backbone(p.preset["backbone"], None)).to(device).eval()
     img = synthetic_image(*p.size, seed=3)
     cams = torch.from_numpy(synthetic_maps(len(KEYS), *strided_size(*p.size), seed=4))
-    args = argparse.Namespace(beta=BETA, exp_times=EXP_TIMES)
+    args = argparse.Namespace(beta=BETA, exp_times=EXP_TIMES, rw_normalize=False)
 
     def one_image() -> None:
         # As make_sem_seg_labels per image: IRN edge map (image + flip), random walk, labels.

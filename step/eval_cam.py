@@ -1,7 +1,8 @@
 """Evaluate CAMs as segmentations (spec 5): background = a constant plane at a threshold.
 
 Sweeps thresholds around ``cam_eval_thres`` in one pass over the files; the row in metrics.jsonl reports
-the configured threshold (the number papers quote) and the sweep with its best threshold beside it.
+the configured threshold (the number papers quote) and the sweep with its best threshold beside it. With
+``--calibrate_thresholds`` the best threshold also sets the later steps' thresholds (misc.thresholds).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from misc import dist
 from misc.io import load_cam
 from misc.labels import scores_to_label
 from misc.pipeline import evaluate_segmentation, record, require_files, split_name
+from misc.thresholds import save_calibration
 from voc12.dataset import read_id_list
 
 
@@ -32,5 +34,8 @@ def run(args: argparse.Namespace) -> None:
     sweep = {f"{t:.2f}": s["miou"] for t, s in zip(thresholds, scores, strict=True)}
     best = max(sweep, key=sweep.get)
     chosen = scores[thresholds.index(args.cam_eval_thres)]
-    record(args, {"step": "eval_cam", "split": split_name(args.eval_list), "threshold": args.cam_eval_thres,
+    split = split_name(args.eval_list)
+    record(args, {"step": "eval_cam", "split": split, "threshold": args.cam_eval_thres,
                   **chosen, "sweep": sweep, "best_threshold": float(best)})
+    if args.calibrate_thresholds:
+        save_calibration(args, float(best), split)

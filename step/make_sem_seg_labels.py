@@ -35,15 +35,25 @@ log = logging.getLogger("wsss")
 
 
 def propagate(cams: torch.Tensor, edge: torch.Tensor, size: tuple[int, int], args: argparse.Namespace) -> torch.Tensor:
-    """Random-walk (n, H4, W4) maps over the (H4, W4) boundary map; return (n, H, W) divided by the global max.
+    """Random-walk (n, H4, W4) maps over the (H4, W4) boundary map and upsample them to (n, H, W).
 
-    The reference divides by the max over all maps together (not per class): kept, since the background
-    threshold was tuned with it.
+    Reference (``args.rw_normalize`` false): the walked maps divided by their max over all maps together
+    (not per class), the scale the background threshold 0.25 was tuned on. The walk averages the maps
+    weighted by ``1 - B``, so its peaks drop and this division inflates everything: harmless when CAMs are
+    ~0 off the objects, but it lifts a CAM that spills onto the context above the threshold.
+    ``rw_normalize``: the walked maps divided by the walked ``1 - B`` mass, i.e. the boundary-weighted
+    mean of each map over the region the walk reaches. It stays in CAM units, so the CAM's own
+    threshold applies to it.
     """
-    walked = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=5)
+    if args.rw_normalize:
+        walked = random_walk(torch.cat([torch.ones_like(cams[:1]), cams]), edge, beta=args.beta,
+                             exp_times=args.exp_times, radius=5)
+        walked = walked[1:] / walked[:1].clamp_min(1e-5)
+    else:
+        walked = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=5)
     h, w = size
     up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w]
-    return up / (up.max() + 1e-5)
+    return up if args.rw_normalize else up / (up.max() + 1e-5)
 
 
 def pseudo_label_inputs(
@@ -59,7 +69,8 @@ def pseudo_label_inputs(
     require_files(args.cam_out_dir, ids, ".npz", "make_cam")
     weights = irn_weights(args)
     fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), irn=weights_fingerprint(weights),
-                     beta=args.beta, exp_times=args.exp_times, bg=bg_thres)
+                     beta=args.beta, exp_times=args.exp_times, bg=bg_thres,
+                     rw_normalize=args.rw_normalize)
     out = prepare_output_dir(out_dir, fp, suffix)
     todo = pending(ids, out, suffix)
     if not todo:
