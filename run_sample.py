@@ -231,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deeplab_weight_decay", type=float, default=5e-4)
     g.add_argument("--deeplab_eval_scales", type=float, nargs="+", default=None)
     g.add_argument("--deeplab_ckpt_every", type=int, default=None)
-    g.add_argument("--deeplab_crf", type=str2bool, default=False, help="dense CRF post-processing at eval")
+    g.add_argument(
+        "--deeplab_crf",
+        type=str2bool,
+        default=True,
+        help="dense CRF post-processing at eval, as in the papers' DeepLab numbers (the row says msf+crf)",
+    )
     g.add_argument("--deeplab_gt", type=str2bool, default=False, help="train on GT masks (upper bound)")
     g.add_argument("--make_test_submission", type=str2bool, default=False)
 

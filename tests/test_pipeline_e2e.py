@@ -8,6 +8,7 @@ import pytest
 import run_sample
 from misc.instances import rle_to_mask
 from misc.io import load_png
+from misc.thresholds import calibrated
 from step.eval_ins_seg import load_detections
 from voc12.dataset import read_id_list
 
@@ -31,6 +32,15 @@ def test_pseudo_masks_cover_the_training_list_in_both_rounds(tiny_run):
         assert row["split"] == "train" and set(row["per_class"]) >= {"background", "aeroplane"}
         # Above labelling everything background (~8.6 mIoU on this split).
         assert row["miou"] > 12
+
+
+def test_each_round_calibrates_its_thresholds_from_its_own_cam_sweep(tiny_run):
+    for variant in ("baseline", "cda"):
+        saved = json.loads((tiny_run.work_dir / variant / "calibration.json").read_text())
+        assert saved["best_cam_threshold"] == tiny_run.metric("eval_cam", variant)["best_threshold"]
+        assert saved == {**saved, **calibrated(saved["best_cam_threshold"], rw_normalize=True)}
+    log = (tiny_run.work_dir / "log.txt").read_text()
+    assert log.count("calibrated thresholds") >= 2
 
 
 def test_instance_labels_and_coco_export(tiny_run):
@@ -67,8 +77,8 @@ def test_cda_round_trains_on_composites_with_the_reference_schedule(tiny_run):
 
 def test_deeplab_trained_on_the_last_rounds_masks_and_evaluated_on_val(tiny_run):
     row = tiny_run.metric("eval_deeplab", "cda")
-    assert row["split"] == "val" and row["postprocess"] == "msf" and row["labels"] == "pseudo"
-    preds = tiny_run.work_dir / "deeplab" / "cda" / "pred_val"
+    assert row["split"] == "val" and row["postprocess"] == "msf+crf" and row["labels"] == "pseudo"
+    preds = tiny_run.work_dir / "deeplab" / "cda" / "pred_val_crf"
     assert sorted(p.stem for p in preds.glob("*.png")) == sorted(_ids(tiny_run, "val"))
 
 
