@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import re
 import tarfile
@@ -136,6 +137,18 @@ def test_heads_on_resnet50(arch: str, output_stride: int) -> None:
         rates = [m.dilation[0] for m in model.head.aspp.branches.modules() if isinstance(m, nn.Conv2d)]
         assert rates == [1] + [r * 16 // output_stride for r in (6, 12, 18)]
         assert any(type(m) is nn.BatchNorm2d for m in model.head.modules())
+
+
+def test_v3plus_initial_loss_is_that_of_a_uniform_guess() -> None:
+    # Small initial logits: the first loss is ~ln(21), not the ~7 a Kaiming-initialised classifier gave.
+    # (The head's BatchNorm makes this independent of the random backbone's feature scale; v2 has no
+    # BatchNorm in its head, its classifier is N(0, 0.01) by DeepLab-v2's design.)
+    torch.manual_seed(0)
+    model = DeepLab(ResNet(50, dilate=True, output_stride=16), "v3+").train()
+    target = torch.randint(0, 21, (2, 64, 64))
+    with torch.no_grad():
+        loss = train_deeplab.segmentation_loss(model(torch.randn(2, 3, 64, 64)), target)
+    assert abs(float(loss) - math.log(21)) < 0.1
 
 
 def test_unknown_arch_is_a_user_error(tiny_backbone: None) -> None:
