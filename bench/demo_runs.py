@@ -70,11 +70,13 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
         rows = read_metrics(work)
         for variant in ("baseline", "cda"):
             for stage, step, key, match in (
+                ("best CAM threshold", "eval_cam", "best_threshold", {}),
                 ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
                 ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
                 ("pseudo-mask mIoU", "eval_sem_seg", "miou", {}),
                 ("instance mAP@0.5", "eval_ins_seg", "map", {}),
-                ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo"}),
+                ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf"}),
+                ("DeepLab val mIoU, CRF", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf+crf"}),
             ):
                 row = latest(rows, step, variant, **match)
                 if row is not None:
@@ -92,12 +94,12 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
     return values, times
 
 
-def _fmt(vals: list[float]) -> str:
+def _fmt(vals: list[float], digits: int = 1) -> str:
     if not vals:
         return "-"
     if len(vals) == 1:
-        return f"{vals[0]:.1f}"
-    return f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}"
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
 def report(works: list[Path], seeds: list[int], baselines: dict[str, float], command: str) -> str:
@@ -110,9 +112,13 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
         "| stage | baseline (IRNet) | CDA |",
         "| --- | --- | --- |",
     ]
-    stages = ["CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU", "instance mAP@0.5", "DeepLab val mIoU"]
+    stages = ["best CAM threshold", "CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU",
+              "instance mAP@0.5", "DeepLab val mIoU", "DeepLab val mIoU, CRF"]
     for stage in stages:
-        base, cda = (_fmt(values.get((stage, variant), [])) for variant in ("baseline", "cda"))
+        if not any((stage, variant) in values for variant in ("baseline", "cda")):
+            continue
+        digits = 2 if stage == "best CAM threshold" else 1
+        base, cda = (_fmt(values.get((stage, variant), []), digits) for variant in ("baseline", "cda"))
         lines.append(f"| {stage} | {base} | {cda} |")
     gt = values.get(("DeepLab val mIoU", "ground truth (upper bound)"))
     if gt:
