@@ -29,7 +29,6 @@ from misc.thresholds import REFERENCE, WALKED, apply_calibration
 log = logging.getLogger("wsss")
 
 SHIPPED_LISTS = Path(__file__).resolve().parent / "voc12" / "data"
-IRN_EPOCHS_DEMO = 6
 
 # Preset values fill every flag the user did not give. "voc" is IRNet/CDA's published configuration
 # (spec section 12); "demo" is sized so the whole pipeline runs in minutes on a 2-core CPU.
@@ -69,7 +68,7 @@ PRESETS: dict[str, dict[str, object]] = {
         cam_scales=(1.0, 0.5, 1.5),
         irn_crop_size=128,
         irn_batch_size=16,
-        irn_num_epoches=IRN_EPOCHS_DEMO,
+        irn_num_epoches=6,  # 75 optimiser steps for IRN's from-scratch branches (3 epochs: 37)
         # The walk's reach grows with sqrt(steps): 2^8 steps on VOC's ~94x125 grid cover as much of the image
         # as 2^5 on the demo's ~40x45 grid (grid area ratio ~1/6.5, 2^(8 - 2.7)).
         exp_times=5,

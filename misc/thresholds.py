@@ -56,12 +56,11 @@ def calibration_path(args: argparse.Namespace) -> Path:
     return Path(args.cam_out_dir).parent / "calibration.json"
 
 
-def save_calibration(args: argparse.Namespace, best: float, split: str) -> dict[str, float]:
-    """Write ``calibration.json`` for this round from the sweep's best threshold; return the thresholds."""
-    thresholds = calibrated(best, args.rw_normalize)
+def save_calibration(args: argparse.Namespace, best: float, split: str) -> None:
+    """Write ``calibration.json`` for this round: the sweep's best threshold and, for the reader, the
+    thresholds that follow from it."""
     save_json(calibration_path(args), {"best_cam_threshold": best, "split": split,
-                                       "rw_normalize": args.rw_normalize, **thresholds})
-    return thresholds
+                                       "rw_normalize": args.rw_normalize, **calibrated(best, args.rw_normalize)})
 
 
 def apply_calibration(args: argparse.Namespace) -> None:
@@ -72,10 +71,9 @@ def apply_calibration(args: argparse.Namespace) -> None:
         raise UserError(f"{path} is missing: --calibrate_thresholds needs eval_cam's sweep; run eval_cam first "
                         "(--eval_cam_pass true), or set the thresholds yourself with --calibrate_thresholds false")
     saved = json.loads(path.read_text())
-    if saved["rw_normalize"] != args.rw_normalize:
-        saved.update(calibrated(saved["best_cam_threshold"], args.rw_normalize))
+    thresholds = calibrated(saved["best_cam_threshold"], args.rw_normalize)
     for name in args.calibrated_thresholds:
-        setattr(args, name, saved[name])
+        setattr(args, name, thresholds[name])
     log.info("calibrated thresholds (%s, best CAM threshold %.2f on %s): %s", args.variant,
              saved["best_cam_threshold"], saved["split"],
              ", ".join(f"{n} {getattr(args, n)}" for n in REFERENCE))
