@@ -214,7 +214,8 @@ def require_gt(voc12_root: str | os.PathLike, ids: list[str]) -> None:
         raise UserError(
             f"{len(missing)} of {len(ids)} evaluation images have no ground truth in "
             f"{Path(voc12_root) / 'SegmentationClass'} (first: {missing[0]}.png): pass --eval_list with ids "
-            "that have SegmentationClass masks (VOC: voc12/data/train.txt)."
+            "that have SegmentationClass masks (VOC: voc12/data/train.txt). A dataset without any masks: turn "
+            "the evaluations off (--eval_cam_pass false, ...) and --calibrate_thresholds false, which needs them."
         )
 
 

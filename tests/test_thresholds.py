@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import run_sample
 from misc.errors import UserError
 from misc.indexing import random_walk_dense
+from misc.pipeline import require_gt
 from misc.thresholds import REFERENCE, apply_calibration, calibrated, save_calibration
 from step.make_sem_seg_labels import propagate
 
@@ -85,3 +86,9 @@ def test_normalised_walk_keeps_cam_units_where_the_reference_rescales():
     assert math.isclose(float(norm[0, :, 28:].max()), 0.4, rel_tol=1e-6)
     ref = propagate(cams, edge, size, argparse.Namespace(beta=10, exp_times=6, rw_normalize=False))
     assert math.isclose(float(ref[0, :, 28:].max()), 0.5, rel_tol=1e-4)
+
+
+def test_missing_ground_truth_names_the_calibration_switch(tmp_path):
+    (tmp_path / "SegmentationClass").mkdir()
+    with pytest.raises(UserError, match=r"2 of 2 .*--calibrate_thresholds false"):
+        require_gt(tmp_path, ["a", "b"])
