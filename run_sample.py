@@ -292,9 +292,10 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.cam_eval_sweep is None:
         args.cam_eval_sweep = [round(0.05 * i, 2) for i in range(1, 20)]
     # Thresholds left unset take the reference values, or the calibrated ones once eval_cam has run.
-    args.calibrated_thresholds = [n for n in REFERENCE if getattr(args, n) is None] if args.calibrate_thresholds else []
-    for name in REFERENCE:
-        if getattr(args, name) is None and not args.calibrate_thresholds:
+    unset = [name for name in REFERENCE if getattr(args, name) is None]
+    args.calibrated_thresholds = unset if args.calibrate_thresholds else []
+    if not args.calibrate_thresholds:
+        for name in unset:
             setattr(args, name, REFERENCE[name])
     _check_flags(args, parser)
     return _round_paths(args, "baseline")

@@ -45,12 +45,10 @@ def propagate(cams: torch.Tensor, edge: torch.Tensor, size: tuple[int, int], arg
     mean of each map over the region the walk reaches. It stays in CAM units, so the CAM's own
     threshold applies to it.
     """
+    maps = torch.cat([torch.ones_like(cams[:1]), cams]) if args.rw_normalize else cams
+    walked = random_walk(maps, edge, beta=args.beta, exp_times=args.exp_times, radius=5)
     if args.rw_normalize:
-        walked = random_walk(torch.cat([torch.ones_like(cams[:1]), cams]), edge, beta=args.beta,
-                             exp_times=args.exp_times, radius=5)
         walked = walked[1:] / walked[:1].clamp_min(1e-5)
-    else:
-        walked = random_walk(cams, edge, beta=args.beta, exp_times=args.exp_times, radius=5)
     h, w = size
     up = F.interpolate(walked[None], scale_factor=4, mode="bilinear", align_corners=False)[0, :, :h, :w]
     return up if args.rw_normalize else up / (up.max() + 1e-5)
