@@ -57,6 +57,7 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_learning_rate=2.5e-4,
         deeplab_eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5),
         deeplab_ckpt_every=1000,
+        deeplab_ignore_uncertain=False,
     ),
     "demo": dict(
         backbone="efficientnet_lite0",
@@ -87,6 +88,9 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_learning_rate=0.001,
         deeplab_eval_scales=(1.0, 0.75, 1.25),
         deeplab_ckpt_every=100,
+        # The masks' background holds every object part the walk left below the threshold; learning those
+        # as background shrank DeepLab's objects far below the masks' (step.train_deeplab.label_dir).
+        deeplab_ignore_uncertain=True,
     ),
 }
 
@@ -236,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="dense CRF post-processing at eval, as in the papers' DeepLab numbers (the row says msf+crf)",
     )
+    g.add_argument(
+        "--deeplab_ignore_uncertain",
+        type=str2bool,
+        default=None,
+        help="train on masks whose uncertain background (best walked score >= --conf_bg_thres) is ignored "
+        "(255); make_sem_seg_labels writes them to <round>/sem_seg_ignore",
+    )
     g.add_argument("--deeplab_gt", type=str2bool, default=False, help="train on GT masks (upper bound)")
     g.add_argument("--make_test_submission", type=str2bool, default=False)
 
@@ -257,6 +268,7 @@ def _round_paths(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     r.cam_out_dir = str(root / "cam")
     r.ir_label_out_dir = str(root / "ir_label")
     r.sem_seg_out_dir = str(root / "sem_seg")
+    r.sem_seg_ignore_dir = str(root / "sem_seg_ignore")
     r.ins_seg_out_dir = str(root / "ins_seg")
     r.deeplab_dir = str(Path(args.work_dir) / "deeplab" / ("gt" if args.deeplab_gt else variant))
     r.cda_bank_dir = str(Path(args.work_dir) / "cda" / "bank")
@@ -408,6 +420,8 @@ def summary_table(work_dir: str | os.PathLike) -> str:
             extra.append(f"thres={row['threshold']}")
         if post:
             extra.append(post)
+        if "ignored" in row:
+            extra.append(f"(labelled pixels; {100 * row['ignored']:.0f}% ignored)")
         lines.append(f"{variant:<9} {step:<14} {row.get('split', '-'):<7} {metric:<12} {value:7.2f}  {' '.join(extra)}")
     if times:
         lines.append("")

@@ -2,8 +2,10 @@
 
     python -m bench.demo_runs --seeds 0 1 2            # ~10 min a seed on 2 CPU cores; resumable
 
-Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in ``<root>/seed<N>``; seed
-0 also trains DeepLab on ground truth (the fully supervised upper bound). The report gives mean and
+Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in ``<root>/seed<N>``, then
+a ``--cda false`` run in the same folder that reuses the baseline round and trains DeepLab on its masks
+(the baseline column's DeepLab rows); the first seed also trains DeepLab on ground truth (the fully
+supervised upper bound). The report gives mean and
 standard deviation over seeds for both arms, the trivial baselines on the same evaluation split, and
 the wall time of every step of seed 0.
 """
@@ -73,7 +75,11 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
                 ("best CAM threshold", "eval_cam", "best_threshold", {}),
                 ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
                 ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
-                ("pseudo-mask mIoU", "eval_sem_seg", "miou", {}),
+                ("pseudo-mask mIoU", "eval_sem_seg", "miou", {"postprocess": None}),
+                ("DeepLab's masks: mIoU of labelled pixels", "eval_sem_seg", "miou",
+                 {"postprocess": "ignore_uncertain"}),
+                ("DeepLab's masks: % of pixels ignored", "eval_sem_seg", "ignored",
+                 {"postprocess": "ignore_uncertain"}),
                 ("instance mAP@0.5", "eval_ins_seg", "map", {}),
                 ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf"}),
                 ("DeepLab val mIoU, CRF", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf+crf"}),
@@ -81,6 +87,7 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
                 row = latest(rows, step, variant, **match)
                 if row is not None:
                     value = max(row["sweep"].values()) if key == "sweep" else row[key]
+                    value = 100 * value if key == "ignored" else value
                     values[(stage, variant)].append(value)
         gt_rows = [r for r in rows if r["step"] == "eval_deeplab" and r.get("labels") == "gt"]
         if gt_rows:
@@ -113,6 +120,7 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
         "| --- | --- | --- |",
     ]
     stages = ["best CAM threshold", "CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU",
+              "DeepLab's masks: mIoU of labelled pixels", "DeepLab's masks: % of pixels ignored",
               "instance mAP@0.5", "DeepLab val mIoU", "DeepLab val mIoU, CRF"]
     for stage in stages:
         if not any((stage, variant) in values for variant in ("baseline", "cda")):
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", type=Path, default=REPO / "runs" / "demo")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--no_upper_bound", action="store_true", help="skip the GT-trained DeepLab of the first seed")
+    p.add_argument("--no_baseline_deeplab", action="store_true", help="skip DeepLab on the baseline round's masks")
     p.add_argument("--report_only", action="store_true", help="report the existing runs under --root; run nothing")
     p.add_argument("extra", nargs="*", help="flags passed to run_sample.py (after --)")
     args = p.parse_args(argv)
@@ -156,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         works = [args.root / f"seed{seed}" for seed in args.seeds]
     else:
         works = [run_seed(args.root, seed, args.extra) for seed in args.seeds]
+        if not args.no_baseline_deeplab:
+            for seed in args.seeds:
+                run_seed(args.root, seed, [*args.extra, "--cda", "false"])
         if not args.no_upper_bound:
             run_seed(args.root, args.seeds[0], [*args.extra, "--deeplab_gt", "true"])
     demo_root = works[0] / "demo_voc12"

@@ -15,3 +15,20 @@ def scores_to_label(scores: np.ndarray, keys: np.ndarray, bg_threshold: float) -
     planes = np.concatenate([np.full((1, *scores.shape[1:]), bg_threshold, np.float32), scores])
     lookup = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1]).astype(np.uint8)
     return lookup[planes.argmax(0)]
+
+
+def ignore_uncertain_background(
+    label: np.ndarray, scores: np.ndarray, confident_bg_threshold: float, ignore: int = 255
+) -> np.ndarray:
+    """``label`` (H, W) with every background pixel whose best class score (``scores``: (k, H, W)) is at
+    least ``confident_bg_threshold`` set to ``ignore``.
+
+    Such pixels are background only because no class beat the (higher) background threshold: an object's
+    weakly activated parts are among them, and a network trained to call them background learns to
+    shrink every object. Only confident background, below the threshold that marks IRN's background
+    seeds, stays a label.
+    """
+    out = label.copy()
+    if len(scores):
+        out[(label == 0) & (np.asarray(scores).max(0) >= confident_bg_threshold)] = ignore
+    return out

@@ -24,9 +24,9 @@ def save_detections(path: Path, detections: dict[str, np.ndarray], shape: tuple[
 
 
 def run(args: argparse.Namespace) -> None:
-    inputs = pseudo_label_inputs(args, args.ins_seg_list, args.ins_seg_out_dir, ".npz", args.ins_seg_bg_thres,
-                                 "make_ins_seg_labels")
-    for image_id, out_dir, img, edge, displacement, cams in inputs:
+    inputs = pseudo_label_inputs(args, args.ins_seg_list, {args.ins_seg_out_dir: {"bg": args.ins_seg_bg_thres}},
+                                 ".npz", "make_ins_seg_labels")
+    for image_id, (out_dir,), img, edge, displacement, cams in inputs:
         disp = displacement.cpu().numpy()
         instances = to_one_hot(cluster_centroids(disp, find_centroids(disp)))  # (N, h4, w4)
         n_clusters = len(instances)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from misc import dist
 from misc.indexing import random_walk
 from misc.io import load_cam, save_png
-from misc.labels import scores_to_label
+from misc.labels import ignore_uncertain_background, scores_to_label
 from misc.pipeline import (
     dir_fingerprint,
     fingerprint,
@@ -55,37 +55,44 @@ def propagate(cams: torch.Tensor, edge: torch.Tensor, size: tuple[int, int], arg
 
 
 def pseudo_label_inputs(
-    args: argparse.Namespace, list_file: str, out_dir: str, suffix: str, bg_thres: float, desc: str
-) -> Iterator[tuple[str, Path, np.ndarray, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+    args: argparse.Namespace, list_file: str, outputs: dict[str, dict[str, object]], suffix: str, desc: str
+) -> Iterator[tuple[str, list[Path], np.ndarray, torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
     """What a pseudo-label step needs per pending image of this rank's share of ``list_file``.
 
-    Yields (id, output folder, uint8 image (H, W, 3), edge (H4, W4), displacement (2, H4, W4), CAM file);
-    the output folder is stamped with the CAMs, IRN weights and random-walk settings it derives from.
+    ``outputs`` maps each output folder to its own settings (thresholds); every folder is stamped with
+    those and with the CAMs, IRN weights and random-walk settings it derives from. An image is pending
+    while any folder lacks its file. Yields (id, output folders in the order given, uint8 image (H, W, 3),
+    edge (H4, W4), displacement (2, H4, W4), CAM file).
     """
     device = dist.init(args.device)
     ids = read_id_list(list_file)
     require_files(args.cam_out_dir, ids, ".npz", "make_cam")
     weights = irn_weights(args)
-    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), irn=weights_fingerprint(weights),
-                     beta=args.beta, exp_times=args.exp_times, bg=bg_thres,
-                     rw_normalize=args.rw_normalize)
-    out = prepare_output_dir(out_dir, fp, suffix)
-    todo = pending(ids, out, suffix)
+    walk = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), irn=weights_fingerprint(weights),
+                       beta=args.beta, exp_times=args.exp_times, rw_normalize=args.rw_normalize)
+    dirs = [prepare_output_dir(d, fingerprint(walk=walk, **settings), suffix) for d, settings in outputs.items()]
+    missing = set().union(*(pending(ids, d, suffix) for d in dirs))
+    todo = [i for i in ids if i in missing]
     if not todo:
         return
     irn = IRNInference(args, device)
     for image_id in tqdm(todo, desc=desc, disable=not dist.is_main(), mininterval=2):
         img, edge, displacement = irn(image_id)
-        yield image_id, out, img, edge, displacement, load_cam(Path(args.cam_out_dir) / f"{image_id}.npz")
+        yield image_id, dirs, img, edge, displacement, load_cam(Path(args.cam_out_dir) / f"{image_id}.npz")
 
 
 def run(args: argparse.Namespace) -> None:
-    inputs = pseudo_label_inputs(args, args.infer_list, args.sem_seg_out_dir, ".png", args.sem_seg_bg_thres,
-                                 "make_sem_seg_labels")
-    for image_id, out_dir, img, edge, _, cams in inputs:
+    outputs: dict[str, dict[str, object]] = {args.sem_seg_out_dir: {"bg": args.sem_seg_bg_thres}}
+    if args.deeplab_ignore_uncertain:
+        outputs[args.sem_seg_ignore_dir] = {"bg": args.sem_seg_bg_thres, "confident_bg": args.conf_bg_thres}
+    inputs = pseudo_label_inputs(args, args.infer_list, outputs, ".png", "make_sem_seg_labels")
+    for image_id, out_dirs, img, edge, _, cams in inputs:
         if len(cams["keys"]) == 0:
-            save_png(out_dir / f"{image_id}.png", np.zeros(img.shape[:2], np.uint8))
+            for out_dir in out_dirs:
+                save_png(out_dir / f"{image_id}.png", np.zeros(img.shape[:2], np.uint8))
             continue
-        rw = propagate(torch.from_numpy(cams["cam"]).to(edge.device), edge, img.shape[:2], args)
-        label = scores_to_label(rw.cpu().numpy(), cams["keys"], args.sem_seg_bg_thres)
-        save_png(out_dir / f"{image_id}.png", label)
+        rw = propagate(torch.from_numpy(cams["cam"]).to(edge.device), edge, img.shape[:2], args).cpu().numpy()
+        label = scores_to_label(rw, cams["keys"], args.sem_seg_bg_thres)
+        save_png(out_dirs[0] / f"{image_id}.png", label)
+        if len(out_dirs) > 1:
+            save_png(out_dirs[1] / f"{image_id}.png", ignore_uncertain_background(label, rw, args.conf_bg_thres))

@@ -41,8 +41,12 @@ SCALE_RANGE = (0.5, 1.5)
 def label_dir(args: argparse.Namespace, ids: list[str]) -> Path:
     """Where the training masks of ``ids`` live; ``UserError`` if any is missing.
 
-    Pseudo masks: ``args.sem_seg_out_dir``. Ground truth (``args.deeplab_gt``): ``SegmentationClassAug``
-    (SBD + VOC, covers train_aug) if present, else VOC's ``SegmentationClass``.
+    Pseudo masks: ``args.sem_seg_out_dir``, or with ``args.deeplab_ignore_uncertain`` the same masks with
+    their uncertain background ignored (``args.sem_seg_ignore_dir``, ``misc.labels.ignore_uncertain_background``):
+    an object part the walk left just below the threshold is background in the complete masks, and DeepLab
+    learns to shrink every object (docs/benchmarks.md measures it on the demo). Ground truth
+    (``args.deeplab_gt``): ``SegmentationClassAug`` (SBD + VOC, covers train_aug) if present, else VOC's
+    ``SegmentationClass``.
     """
     if args.deeplab_gt:
         root = Path(args.voc12_root)
@@ -50,8 +54,10 @@ def label_dir(args: argparse.Namespace, ids: list[str]) -> Path:
         out = out if out.is_dir() else root / "SegmentationClass"
         fix = "train on a list whose ids have ground-truth masks, or add SegmentationClassAug (SBD)"
     else:
-        out = Path(args.sem_seg_out_dir)
+        out = Path(args.sem_seg_ignore_dir if args.deeplab_ignore_uncertain else args.sem_seg_out_dir)
         fix = "run make_sem_seg_labels with infer_list = train_list first"
+        if args.deeplab_ignore_uncertain:
+            fix += " (with --deeplab_ignore_uncertain true)"
     missing = [i for i in ids if not (out / f"{i}.png").is_file()]
     if missing:
         raise UserError(

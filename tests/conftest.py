@@ -33,8 +33,10 @@ class TinyRun:
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in (self.work_dir / "metrics.jsonl").read_text().splitlines()]
 
-    def metric(self, step: str, variant: str = "baseline") -> dict:
-        rows = [r for r in self.metrics() if r["step"] == step and r["variant"] == variant]
+    def metric(self, step: str, variant: str = "baseline", **match: object) -> dict:
+        """The latest row of ``step`` in ``variant`` whose fields equal ``match`` (None: field absent)."""
+        rows = [r for r in self.metrics() if r["step"] == step and r["variant"] == variant
+                and all(r.get(k) == v for k, v in match.items())]
         assert rows, f"no {step} row for {variant}"
         return rows[-1]
 

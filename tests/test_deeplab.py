@@ -25,11 +25,12 @@ import net.deeplab
 from misc.checkpoint import load_checkpoint, save_checkpoint
 from misc.errors import UserError
 from misc.io import read_metrics
+from misc.labels import ignore_uncertain_background
 from misc.optim import PolyOptimizer
 from net.backbone import Backbone, FixedBatchNorm2d
 from net.deeplab import DeepLab, build_deeplab
 from net.resnet import ResNet
-from step import eval_deeplab, train_deeplab
+from step import eval_deeplab, eval_sem_seg, train_deeplab
 
 H, W = 40, 48  # synthetic image size
 
@@ -104,7 +105,8 @@ def make_args(tmp: Path, **overrides: object) -> argparse.Namespace:
         work_dir=str(tmp / "work"), voc12_root=str(root), device="cpu", num_workers=0, seed=0, amp=False,
         train_list=str(lists / "train.txt"), val_list=str(lists / "val.txt"), test_list=str(lists / "test.txt"),
         variant="baseline",
-        sem_seg_out_dir=str(tmp / "work/baseline/sem_seg"), deeplab_dir=str(tmp / "work/baseline/deeplab"),
+        sem_seg_out_dir=str(tmp / "work/baseline/sem_seg"), deeplab_ignore_uncertain=False,
+        sem_seg_ignore_dir=str(tmp / "work/baseline/sem_seg_ignore"), deeplab_dir=str(tmp / "work/baseline/deeplab"),
         deeplab_train_list=None, deeplab_gt=True, deeplab_arch="v2", deeplab_backbone="resnet50",
         deeplab_weights="none", deeplab_output_stride=16, deeplab_crop_size=32, deeplab_batch_size=4,
         deeplab_iters=30, deeplab_learning_rate=0.01, deeplab_weight_decay=5e-4, deeplab_ckpt_every=1000,
@@ -275,6 +277,50 @@ def test_missing_inputs_are_user_errors(tmp_path: Path) -> None:
         train_deeplab.run(args)
     with pytest.raises(UserError, match="run train_deeplab first"):
         eval_deeplab.run(args)
+
+
+def test_training_masks_with_uncertain_background_ignored(tmp_path: Path) -> None:
+    args = make_args(tmp_path, deeplab_gt=False, deeplab_ignore_uncertain=True)
+    ids = [f"2000_{i:06d}" for i in range(8)]
+    with pytest.raises(UserError, match=r"sem_seg_ignore .*--deeplab_ignore_uncertain true"):
+        train_deeplab.label_dir(args, ids)
+    for folder in (args.sem_seg_out_dir, args.sem_seg_ignore_dir):
+        Path(folder).mkdir(parents=True)
+        for i in ids:
+            Image.fromarray(np.zeros((H, W), np.uint8)).save(Path(folder) / f"{i}.png")
+    assert train_deeplab.label_dir(args, ids) == Path(args.sem_seg_ignore_dir)
+    args.deeplab_ignore_uncertain = False
+    assert train_deeplab.label_dir(args, ids) == Path(args.sem_seg_out_dir)
+
+
+def test_ignore_uncertain_background_by_hand() -> None:
+    label = np.array([[0, 0, 3], [0, 5, 0]], np.uint8)
+    scores = np.array([[[0.1, 0.4, 0.9], [0.3, 0.2, 0.0]],  # class 2 (label 3)
+                       [[0.2, 0.1, 0.1], [0.1, 0.8, 0.29]]], np.float32)  # class 4 (label 5)
+    out = ignore_uncertain_background(label, scores, 0.3)
+    # Background whose best score reaches 0.3 (0.4 and 0.3) is ignored; 0.2 and 0.29 stay background;
+    # object pixels are never touched, whatever their score.
+    assert out.tolist() == [[0, 255, 3], [255, 5, 0]]
+    assert label.tolist() == [[0, 0, 3], [0, 5, 0]]  # the complete mask is not modified
+    no_classes = ignore_uncertain_background(np.zeros((2, 2), np.uint8), np.zeros((0, 2, 2), np.float32), 0.3)
+    assert no_classes.tolist() == [[0, 0], [0, 0]]
+
+
+def test_labelled_pixel_scores_by_hand(tmp_path: Path) -> None:
+    root = tmp_path / "voc"
+    (root / "SegmentationClass").mkdir(parents=True)
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 255]], np.uint8)
+    mask = np.array([[0, 255, 1, 255], [1, 0, 255, 255]], np.uint8)
+    Image.fromarray(gt).save(root / "SegmentationClass" / "a.png")
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(mask).save(tmp_path / "masks" / "a.png")
+    scores = eval_sem_seg.labelled_pixel_scores(str(root), ["a"], tmp_path / "masks")
+    # 7 valid GT pixels, 3 of them ignored by the mask (the 255 over GT 255 does not count).
+    assert scores["ignored"] == pytest.approx(3 / 7)
+    # Labelled pixels: bg->bg x2, bg->1 x1, 1->1 x1. IoU bg = 2/3, IoU class 1 = 1/2.
+    assert scores["per_class"]["background"] == pytest.approx(100 * 2 / 3)
+    assert scores["per_class"]["aeroplane"] == pytest.approx(100 / 2)
+    assert scores["miou"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
 
 
 # -------------------------------------------------------------------------------------- evaluation

@@ -1,6 +1,7 @@
 """The tiny whole-pipeline run (tests/conftest.py): every stage's outputs, metrics and resume behaviour."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -28,10 +29,27 @@ def test_pseudo_masks_cover_the_training_list_in_both_rounds(tiny_run):
             assert mask.shape == gt.shape and mask.max() <= 20
         ir = load_png(tiny_run.work_dir / variant / "ir_label" / f"{train_aug[0]}.png")
         assert set(np.unique(ir)) <= {0, 255, *range(1, 21)}
-        row = tiny_run.metric("eval_sem_seg", variant)
+        row = tiny_run.metric("eval_sem_seg", variant, postprocess=None)
         assert row["split"] == "train" and set(row["per_class"]) >= {"background", "aeroplane"}
         # Above labelling everything background (~8.6 mIoU on this split).
         assert row["miou"] > 12
+
+
+def test_deeplab_learns_from_masks_with_uncertain_background_ignored(tiny_run):
+    train_aug = _ids(tiny_run, "train_aug")
+    complete, ignoring = (tiny_run.work_dir / "cda" / name for name in ("sem_seg", "sem_seg_ignore"))
+    assert sorted(p.stem for p in ignoring.glob("*.png")) == sorted(train_aug)
+    ignored = 0
+    for image_id in train_aug:
+        full, part = load_png(complete / f"{image_id}.png"), load_png(ignoring / f"{image_id}.png")
+        # Only background is ever ignored; every labelled pixel keeps the complete mask's label.
+        assert (full[part == 255] == 0).all() and (part[part != 255] == full[part != 255]).all()
+        ignored += (part == 255).sum()
+    assert ignored > 0
+    row = tiny_run.metric("eval_sem_seg", "cda", postprocess="ignore_uncertain")
+    assert 0 < row["ignored"] < 1 and row["miou"] > 12
+    log = (tiny_run.work_dir / "log.txt").read_text()
+    assert re.search(r"train_deeplab: .* images \(\S*cda/sem_seg_ignore\)", log)
 
 
 def test_each_round_calibrates_its_thresholds_from_its_own_cam_sweep(tiny_run):
