@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import pytest
 import run_sample
 from misc.instances import rle_to_mask
 from misc.io import load_png
-from misc.thresholds import calibrated
+from misc.thresholds import apply_calibration, calibrated
+from step import make_sem_seg_labels
 from step.eval_ins_seg import load_detections
 from voc12.dataset import read_id_list
 
@@ -50,6 +52,21 @@ def test_deeplab_learns_from_masks_with_uncertain_background_ignored(tiny_run):
     assert 0 < row["ignored"] < 1 and row["miou"] > 12
     log = (tiny_run.work_dir / "log.txt").read_text()
     assert re.search(r"train_deeplab: .* images \(\S*cda/sem_seg_ignore\)", log)
+
+
+def test_a_missing_ignore_mask_alone_is_remade(tiny_run):
+    args = tiny_run.args("cda")
+    apply_calibration(args)
+    args.infer_list = str(tiny_run.work_dir / "demo_voc12" / "ImageSets" / "Segmentation" / "train_aug.txt")
+    gone, kept = _ids(tiny_run, "train_aug")[:2]
+    folder = Path(args.sem_seg_ignore_dir)
+    before = (folder / f"{gone}.png").read_bytes()
+    kept_mtime = (folder / f"{kept}.png").stat().st_mtime_ns
+    (folder / f"{gone}.png").unlink()
+    make_sem_seg_labels.run(args)
+    assert (folder / f"{gone}.png").read_bytes() == before
+    # Same settings: the folders were not cleared, and no other image was redone.
+    assert (folder / f"{kept}.png").stat().st_mtime_ns == kept_mtime
 
 
 def test_each_round_calibrates_its_thresholds_from_its_own_cam_sweep(tiny_run):
