@@ -3,12 +3,14 @@ random walk agrees with the dense reference."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+from bench import demo_runs
 from bench.suite import COLUMNS, END, START
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,3 +42,28 @@ def test_quick_bench_writes_its_section_only(tmp_path):
     for m in checks:
         # fp32 round-off of 8 dense squarings vs 256 sparse steps (tests/test_indexing.py): ~1e-4 relative.
         assert float(m.group(1)) <= 1e-3 * float(m.group(2)), m.group(0)
+
+
+def test_demo_report_keeps_arms_postprocessing_and_the_first_runs_times_apart(tmp_path):
+    work = tmp_path / "seed0"
+    work.mkdir()
+    rows = [
+        {"variant": "cda", "step": "eval_sem_seg", "miou": 50.0},
+        {"variant": "cda", "step": "eval_sem_seg", "postprocess": "ignore_uncertain", "miou": 60.0, "ignored": 0.25},
+        {"variant": "cda", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf+crf", "miou": 53.0},
+        {"variant": "cda", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf", "miou": 47.0},
+        {"variant": "baseline", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf+crf", "miou": 44.0},
+    ]
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # A first run, then a resumed one that adds the baseline arm's DeepLab: only the first run's times count.
+    times = [("baseline", "make_cls_labels", 0.5), ("cda", "train_deeplab", 100.0),
+             ("baseline", "make_cls_labels", 0.1), ("baseline", "train_deeplab", 90.0)]
+    (work / "timings.jsonl").write_text("".join(json.dumps({"variant": v, "step": s, "seconds": t}) + "\n"
+                                                for v, s, t in times))
+    values, seconds = demo_runs.summarise([work])
+    assert values[("pseudo-mask mIoU", "cda")] == [50.0]
+    assert values[("DeepLab's masks: mIoU of labelled pixels", "cda")] == [60.0]
+    assert values[("DeepLab's masks: % of pixels ignored", "cda")] == [25.0]
+    assert values[("DeepLab val mIoU, CRF", "cda")] == [53.0] and values[("DeepLab val mIoU", "cda")] == [47.0]
+    assert values[("DeepLab val mIoU, CRF", "baseline")] == [44.0]
+    assert seconds == {("baseline", "make_cls_labels"): 0.5, ("cda", "train_deeplab"): 100.0}
