@@ -6,9 +6,8 @@ Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in `
 a ``--cda false`` run in the same folder that reuses the baseline round and trains DeepLab on its masks
 (the baseline column's DeepLab rows), and for each arm a ``--deeplab_crf false`` run that only adds the
 raw ``msf`` evaluation; the first seed also trains DeepLab on ground truth (the fully supervised upper
-bound). The report gives mean and
-standard deviation over seeds for both arms, the trivial baselines on the same evaluation split, and
-the wall time of every step of seed 0.
+bound). The report gives mean and standard deviation over seeds for both arms, the trivial baselines on
+the same evaluation split, and the wall time of every step of seed 0's first run.
 """
 
 from __future__ import annotations
@@ -172,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         works = [run_seed(args.root, seed, args.extra) for seed in args.seeds]
         arms = [[]] if args.no_baseline_deeplab else [[], ["--cda", "false"]]
         for seed in args.seeds:
-            for i, arm in enumerate(arms):
-                if i:
+            for arm in arms:
+                if arm:  # the default arm ran above
                     run_seed(args.root, seed, [*args.extra, *arm])
                 # The raw multi-scale row beside the default msf+crf one; everything else resumes.
                 run_seed(args.root, seed, [*args.extra, *arm, "--deeplab_crf", "false"])
