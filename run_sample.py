@@ -1,11 +1,14 @@
-"""Run the WSSS pipeline: CAM -> (CDA) -> IRNet pseudo masks -> DeepLab, one step module at a time.
+"""Run the WSSS pipeline: CAM method -> (CDA) -> refiner pseudo masks -> segmenter, one step module at a time.
 
     python run_sample.py                                     # embedded demo dataset, CPU-sized preset
     python run_sample.py --voc12_root ~/data/VOCdevkit/VOC2012   # PASCAL VOC, IRNet defaults
+    python run_sample.py --dataset coco14 --data_root ~/data/coco   # COCO 2014 in the WSSS layout
     torchrun --nproc_per_node=4 run_sample.py --voc12_root ...    # the same on 4 GPUs (DDP)
+    python run_sample.py --config work_dir/config.yaml          # again, from a run's resolved settings
 
 Every step reads its inputs from and writes its outputs to ``--work_dir``; ``--<step>_pass false``
-skips a step, and re-running resumes per image where a step was interrupted.
+skips a step, and re-running resumes per image where a step was interrupted. The run's resolved settings
+are written to ``<work_dir>/config.yaml``.
 """
 
 from __future__ import annotations
@@ -16,19 +19,27 @@ import importlib
 import json
 import logging
 import os
+import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
+import yaml
+
+import dataset
+import methods
 from misc import dist
 from misc.errors import UserError
-from misc.io import read_metrics
-from misc.thresholds import REFERENCE, WALKED, apply_calibration
+from misc.io import atomic_write, read_metrics
+from misc.thresholds import REFERENCE, WALKED
 
 log = logging.getLogger("wsss")
 
-SHIPPED_LISTS = Path(__file__).resolve().parent / "voc12" / "data"
+PROJECT_DIR = Path(__file__).resolve().parent
 
 # Preset values fill every flag the user did not give. "voc" is IRNet/CDA's published configuration
 # (spec section 12); "demo" is sized so the whole pipeline runs in minutes on a 2-core CPU.
@@ -94,20 +105,13 @@ PRESETS: dict[str, dict[str, object]] = {
     ),
 }
 
-# (pass flag, step module, rounds it runs in). The CDA round repeats the CAM and IRN stages with
-# copy-paste in train_cam only (spec 10.5); DeepLab trains once, on the last round's pseudo masks.
-ROUND_STEPS = [
-    ("train_cam", "train_cam"),
-    ("make_cam", "make_cam"),
-    ("eval_cam", "eval_cam"),
-    ("cam_to_ir_label", "cam_to_ir_label"),
-    ("train_irn", "train_irn"),
-    ("make_sem_seg", "make_sem_seg_labels"),
-    ("eval_sem_seg", "eval_sem_seg"),
-    ("make_ins_seg", "make_ins_seg_labels"),
-    ("eval_ins_seg", "eval_ins_seg"),
-]
-STEP_PASSES = [flag for flag, _ in ROUND_STEPS] + ["make_aug_fg", "train_deeplab", "eval_deeplab"]
+# Every step any plug-in brings gets a ``--<flag>_pass`` switch; the chosen plug-ins decide which run.
+PLUGINS = [*methods.CAM_METHODS.values(), *methods.REFINERS.values(), *methods.SEGMENTERS.values()]
+STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugin.steps)) + ["make_aug_fg"]
+# Flags whose resolved value is derived from the work dir or the dataset; config.yaml keeps them as given so
+# that it can be re-run in another work dir or on another machine.
+DERIVED = ("data_root", "train_list", "val_list", "infer_list", "eval_list", "test_list", "deeplab_train_list",
+           "ins_seg_list", "cls_labels")
 
 
 def str2bool(value: str) -> bool:
@@ -123,7 +127,12 @@ def str2bool(value: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("environment")
-    g.add_argument("--voc12_root", default=None, help="VOC2012 root (with JPEGImages/); default: demo dataset")
+    g.add_argument("--config", default=None, help="a run's config.yaml: its settings become the defaults")
+    g.add_argument("--dataset", choices=sorted(dataset.DATASETS), default=None, help="default: voc12")
+    g.add_argument("--data_root", default=None,
+                   help="the dataset's root folder; default: the demo dataset (voc12, or coco14 in COCO layout)")
+    g.add_argument("--voc12_root", dest="data_root", help="VOC2012 root (with JPEGImages/): --dataset voc12 "
+                   "--data_root ROOT")
     g.add_argument("--work_dir", default="work_dir", help="every output goes under this folder")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: demo without --voc12_root")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -138,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of a demo class's images on its typical background (the bias CDA addresses)",
     )
 
-    g = p.add_argument_group("dataset lists (default: shipped VOC lists, or the demo's)")
+    g = p.add_argument_group("dataset lists (default: the dataset's own lists, else shipped or scanned ones)")
     for name in ("train_list", "val_list", "infer_list", "eval_list", "test_list"):
         g.add_argument(f"--{name}", default=None)
     g.add_argument("--ins_seg_list", default=None, help="ids for instance pseudo labels (default: eval_list)")
     g.add_argument("--cls_labels", default=None, help="labels TSV cache (default: <work_dir>/cls_labels.tsv)")
+
+    g = p.add_argument_group("methods (plug-ins, see methods/)")
+    g.add_argument("--cam_method", choices=sorted(methods.CAM_METHODS), default="cam")
+    g.add_argument("--refiner", choices=sorted(methods.REFINERS), default="irn")
+    g.add_argument("--segmenter", choices=sorted(methods.SEGMENTERS), default="deeplab")
 
     g = p.add_argument_group("networks")
     g.add_argument("--backbone", choices=["resnet50", "resnet101", "efficientnet_lite0"], default=None)
@@ -258,10 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _round_paths(args: argparse.Namespace, variant: str) -> argparse.Namespace:
-    """A copy of ``args`` whose output paths belong to one round (``baseline`` or ``cda``)."""
+def rounds(args: argparse.Namespace) -> list[str]:
+    """The rounds of this run: the baseline, then CDA's (the CAM method retrained with copy-paste)."""
+    return ["baseline", "cda"] if args.cda else ["baseline"]
+
+
+def round_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
+    """A copy of the run's ``args`` for one round (``baseline`` or ``cda``): its output paths, and the list its
+    pseudo masks are made for. ``args`` itself is never changed."""
     r = copy.copy(args)
-    root = Path(args.work_dir) / variant
+    work_dir = Path(args.work_dir)
+    root = work_dir / variant
     r.variant = variant
     r.cam_weights_name = str(root / "sess" / "cam.pth")
     r.irn_weights_name = str(root / "sess" / "irn.pth")
@@ -270,37 +291,54 @@ def _round_paths(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     r.sem_seg_out_dir = str(root / "sem_seg")
     r.sem_seg_ignore_dir = str(root / "sem_seg_ignore")
     r.ins_seg_out_dir = str(root / "ins_seg")
-    r.deeplab_dir = str(Path(args.work_dir) / "deeplab" / ("gt" if args.deeplab_gt else variant))
-    r.cda_bank_dir = str(Path(args.work_dir) / "cda" / "bank")
+    r.deeplab_dir = str(work_dir / "deeplab" / ("gt" if args.deeplab_gt else variant))
+    r.cda_bank_dir = str(work_dir / "cda" / "bank")
+    # CDA's object bank is cut from the baseline round's pseudo masks (spec 10.2).
+    r.bank_masks_dir = str(work_dir / "baseline" / "sem_seg")
     r.cam_aug = variant == "cda"
+    # The object bank needs the baseline's masks of every training image, DeepLab the last round's.
+    all_rounds = rounds(args)
+    if args.cda and variant == "baseline":
+        r.infer_list = args.train_list
+    elif args.train_deeplab_pass and variant == all_rounds[-1]:
+        r.infer_list = args.deeplab_train_list
     return r
 
 
 def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, apply the preset, resolve list paths; the result is the baseline round's args."""
+    """Parse flags (over ``--config``'s settings), apply the preset, resolve the dataset and its lists; the
+    run's args, from which ``round_args`` derives each round's."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        parser.set_defaults(**_read_config(pre.config, parser))
     args = parser.parse_args(argv)
+    args.given_data_root = args.data_root
+    if args.dataset is None:
+        args.dataset = "voc12"
     if args.preset is None:
-        args.preset = "demo" if args.voc12_root is None else "voc"
+        args.preset = "demo" if args.data_root is None else "voc"
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.work_dir = str(Path(args.work_dir).resolve())
-    args.demo = args.voc12_root is None
+    args.demo = args.data_root is None
     if args.demo:
-        args.voc12_root = str(Path(args.work_dir) / "demo_voc12")
-    lists = Path(args.voc12_root) / "ImageSets" / "Segmentation" if args.demo else SHIPPED_LISTS
-    defaults = {"train_list": "train_aug.txt", "val_list": "val.txt", "infer_list": "train.txt",
-                "eval_list": "train.txt", "test_list": "test.txt"}
-    for key, file in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, str(lists / file))
-    if args.deeplab_train_list is None:
-        args.deeplab_train_list = args.train_list
-    if args.ins_seg_list is None:
-        args.ins_seg_list = args.eval_list
-    if args.cls_labels is None:
-        args.cls_labels = str(Path(args.work_dir) / "cls_labels.tsv")
+        if args.dataset not in DEMO_FOLDERS:
+            parser.error(f"there is no demo dataset for {args.dataset}: give its root with --data_root")
+        args.data_root = str(Path(args.work_dir) / DEMO_FOLDERS[args.dataset])
+    else:
+        args.data_root = str(Path(args.data_root).expanduser().resolve())
+    if not dataset.from_args(args).has_background:
+        # The tags-to-masks steps need a background class; on such a dataset the segmenter trains on masks.
+        if not args.deeplab_gt:
+            parser.error(f"{args.dataset} has no background class, which the CAM pipeline needs: train the "
+                         "segmenter on its ground truth (--deeplab_gt true)")
+        args.cda = False
+        for flag in STEP_PASSES:
+            if flag not in SEGMENTER_PASSES:
+                setattr(args, f"{flag}_pass", False)
     if args.cam_eval_sweep is None:
         args.cam_eval_sweep = [round(0.05 * i, 2) for i in range(1, 20)]
     # Thresholds left unset take the reference values, or the calibrated ones once eval_cam has run.
@@ -310,7 +348,86 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         for name in unset:
             setattr(args, name, REFERENCE[name])
     _check_flags(args, parser)
-    return _round_paths(args, "baseline")
+    if Path(args.data_root).is_dir():  # the demo's lists are resolved once run_pipeline has generated it
+        resolve_lists(args)
+    return args
+
+
+DEMO_FOLDERS = {"voc12": "demo_voc12", "coco14": "demo_coco14"}
+SEGMENTER_PASSES = {flag for segmenter in methods.SEGMENTERS.values() for flag, _ in segmenter.steps}
+
+
+def resolve_lists(args: argparse.Namespace) -> None:
+    """Fill the list flags the user left unset from the dataset (its own lists, else shipped or scanned into
+    ``<work_dir>/lists``); run once the dataset exists (the demo is generated first)."""
+    info = dataset.from_args(args)
+    for role, splits in info.default_lists.items():
+        if getattr(args, role) is not None:
+            continue
+        found = next((p for split in splits if (p := info.list_path(split, Path(args.work_dir) / "lists"))), None)
+        if found is None and role != "test_list":
+            raise UserError(f"{info.root} has no {' or '.join(splits)} list for --{role} (neither its own nor a "
+                            f"shipped one that fits it): pass --{role} FILE with one image id per line.")
+        setattr(args, role, None if found is None else str(found))
+    if args.deeplab_train_list is None:
+        args.deeplab_train_list = args.train_list
+    if args.ins_seg_list is None:
+        args.ins_seg_list = args.eval_list
+    if args.cls_labels is None:
+        args.cls_labels = str(Path(args.work_dir) / "cls_labels.tsv")
+
+
+def _read_config(path: str, parser: argparse.ArgumentParser) -> dict[str, object]:
+    """The flag values of a ``config.yaml`` written by a run (keys starting with ``_`` are information)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise UserError(f"--config {path} is unreadable ({e}): pass a config.yaml written by a run.") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path} is not a mapping of flag names to values.")
+    known = {a.dest for a in parser._actions}
+    settings = {k: v for k, v in raw.items() if not str(k).startswith("_")}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UserError(f"--config {path} has unknown settings {unknown[:5]}: remove them (see --help).")
+    settings.pop("config", None)
+    return settings
+
+
+def write_config(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> Path:
+    """Write ``<work_dir>/config.yaml``: every flag after presets (paths derived from the work dir or the
+    dataset as given, their resolved values under ``_resolved``), the dataset and methods, and versions."""
+    parser = parser or build_parser()
+    dests = [a.dest for a in parser._actions if a.dest not in ("help", "config")]
+    settings = {d: getattr(args, d) for d in dict.fromkeys(dests)}
+    settings.update({name: None for name in DERIVED if name in settings})
+    settings["data_root"] = args.given_data_root
+    for name in REFERENCE:
+        if name in args.calibrated_thresholds:
+            settings[name] = None  # calibrated per round (<round>/calibration.json)
+    info = dataset.from_args(args)
+    doc = {
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "_resolved": {name: getattr(args, name) for name in DERIVED},
+        "_dataset": {"name": info.name, "root": str(info.root), "num_classes": info.num_classes,
+                     "class_names": list(info.class_names)},
+        "_versions": {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+                      "project": _project_version()},
+    }
+    path = Path(args.work_dir) / "config.yaml"
+    with atomic_write(path, "w") as f:
+        f.write("# Resolved settings of this run; re-run it with: python run_sample.py --config THIS_FILE\n")
+        yaml.safe_dump(doc, f, sort_keys=False)
+    return path
+
+
+def _project_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PROJECT_DIR), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -350,53 +467,47 @@ def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    """Sequence the steps; the steps do all the work."""
+    """Sequence the steps of the chosen plug-ins; the steps do all the work."""
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     timings = work_dir / "timings.jsonl"
     if args.demo:
         _run_demo_generator(args)
-    _run_step("make_cls_labels", args, timings)
-
-    needs_all_masks = args.cda or args.train_deeplab_pass
-    rounds = ["baseline", "cda"] if args.cda else ["baseline"]
-    for i, variant in enumerate(rounds):
-        r = _round_paths(args, variant)
-        if needs_all_masks and (args.cda and variant == "baseline" or i == len(rounds) - 1):
-            for_bank = variant == "baseline" and args.cda
-            r.infer_list = args.train_list if for_bank else args.deeplab_train_list
-            log.info("infer_list = %s for the %s round: %s needs pseudo masks for every training image",
-                     r.infer_list, variant, "the CDA object bank" if for_bank else "DeepLab training")
+    dataset.from_args(args).check()
+    resolve_lists(args)
+    if dist.is_main():
+        write_config(args)
+    round_steps = [*methods.cam_method(args).steps, *methods.refiner(args).steps]
+    if any(getattr(args, f"{flag}_pass") for flag, _ in round_steps):
+        _run_step("make_cls_labels", round_args(args, "baseline"), timings)
+    for variant in rounds(args):
+        r = round_args(args, variant)
         if variant == "cda" and args.make_aug_fg_pass:
-            # The bank is cut from the baseline round's pseudo masks (spec 10.2).
-            bank_args = copy.copy(r)
-            bank_args.sem_seg_out_dir = _round_paths(args, "baseline").sem_seg_out_dir
-            _run_step("make_aug_fg", bank_args, timings)
-        for flag, module in ROUND_STEPS:
+            _run_step("make_aug_fg", r, timings)
+        for flag, module in round_steps:
             if getattr(args, f"{flag}_pass"):
                 _run_step(module, r, timings)
-            if flag == "eval_cam" and args.calibrated_thresholds and any(
-                getattr(args, f"{later}_pass") for later in ("cam_to_ir_label", "make_sem_seg", "make_ins_seg")
-            ):
-                apply_calibration(r)
-    final = _round_paths(args, rounds[-1])
-    if args.train_deeplab_pass:
-        _run_step("train_deeplab", final, timings)
-    if args.eval_deeplab_pass:
-        _run_step("eval_deeplab", final, timings)
+    final = round_args(args, rounds(args)[-1])
+    for flag, module in methods.segmenter(args).steps:
+        if getattr(args, f"{flag}_pass"):
+            _run_step(module, final, timings)
     if dist.is_main():
         print(summary_table(work_dir))
 
 
 def _run_demo_generator(args: argparse.Namespace) -> None:
-    from voc12.demo import make_demo_dataset
+    from voc12.demo import make_demo_coco, make_demo_dataset
 
     if dist.is_main():
         n_train_aug, n_train, n_val = args.demo_size
         start = time.perf_counter()
-        make_demo_dataset(args.voc12_root, seed=args.seed, n_train_aug=n_train_aug, n_train=n_train, n_val=n_val,
-                          p_typical=args.demo_context_bias)
-        log.info("demo dataset ready in %s (%.1f s)", args.voc12_root, time.perf_counter() - start)
+        if args.dataset == "coco14":
+            make_demo_coco(args.data_root, seed=args.seed, n_train=n_train_aug, n_val=n_val,
+                           p_typical=args.demo_context_bias)
+        else:
+            make_demo_dataset(args.data_root, seed=args.seed, n_train_aug=n_train_aug, n_train=n_train, n_val=n_val,
+                              p_typical=args.demo_context_bias)
+        log.info("demo dataset ready in %s (%.1f s)", args.data_root, time.perf_counter() - start)
     dist.barrier()
 
 

@@ -3,7 +3,7 @@
 Layout of ``bank_dir``::
 
     <bank_dir>/<class name>/<image id>.npz   img uint8 (h, w, 3) RGB crop, seg uint8 (h, w) in {0, c+1}
-    <bank_dir>/index.json                    {"<c>": ["<class name>/<id>.npz", ...]} for c = 0..19, sorted
+    <bank_dir>/index.json                    {"<c>": ["<class name>/<id>.npz", ...]} for every class c, sorted
 
 The index is written last, so a bank whose index exists is complete; ``load_bank_index`` additionally
 checks that every listed file is present (a stale index from another bank fails loudly, spec 10.6 bug 4).
@@ -19,20 +19,21 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from dataset.base import DatasetInfo, read_image
 from misc.errors import UserError
 from misc.io import atomic_write, load_png, save_json
-from voc12.dataset import CLASS_NAMES, NUM_CLASSES, VOCLayout, read_image
 
 INDEX_NAME = "index.json"
 
 Box = tuple[int, int, int, int]
 
 
-def select_object(mask: np.ndarray, min_ratio: float = 0.1, max_ratio: float = 0.7) -> tuple[int, Box] | None:
+def select_object(mask: np.ndarray, num_classes: int, min_ratio: float = 0.1,
+                  max_ratio: float = 0.7) -> tuple[int, Box] | None:
     """Apply the reference selection rule to one pseudo mask.
 
     Args:
-        mask: uint8 (H, W) pseudo mask, 0 = background, c+1 = class c.
+        mask: uint8 (H, W) pseudo mask, 0 = background, c+1 = class c (``c < num_classes``).
         min_ratio, max_ratio: inclusive bounds on the foreground fraction #(mask != 0) / (H*W).
 
     Returns:
@@ -42,7 +43,7 @@ def select_object(mask: np.ndarray, min_ratio: float = 0.1, max_ratio: float = 0
     """
     values = np.unique(mask)
     # Exactly background plus one class; a void value (255) or a second class rejects the image.
-    if len(values) != 2 or values[0] != 0 or not 1 <= values[1] <= NUM_CLASSES:
+    if len(values) != 2 or values[0] != 0 or not 1 <= values[1] <= num_classes:
         return None
     fg = mask != 0
     ratio = fg.sum() / fg.size
@@ -53,8 +54,8 @@ def select_object(mask: np.ndarray, min_ratio: float = 0.1, max_ratio: float = 0
     return int(values[1]) - 1, (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
 
 
-def _rel_path(c: int, image_id: str) -> str:
-    return f"{CLASS_NAMES[c]}/{image_id}.npz"
+def _rel_path(info: DatasetInfo, c: int, image_id: str) -> str:
+    return f"{info.class_names[c].replace(' ', '_')}/{image_id}.npz"
 
 
 def save_object(path: str | os.PathLike, img: np.ndarray, seg: np.ndarray) -> None:
@@ -73,7 +74,7 @@ def load_object(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_bank(
-    voc12_root: str | os.PathLike,
+    info: DatasetInfo,
     ids: Sequence[str],
     pseudo_mask_dir: str | os.PathLike,
     bank_dir: str | os.PathLike,
@@ -85,26 +86,26 @@ def build_bank(
     """Cut every selected object out of its image and write the bank plus its index.
 
     Args:
-        voc12_root: dataset root (VOC layout: ``JPEGImages/<id>.jpg``).
+        info: the dataset (images, class names).
         ids: image ids whose pseudo masks ``<pseudo_mask_dir>/<id>.png`` are scanned.
         bank_dir: output directory; objects already there are kept (resumable), the index is rewritten.
 
     Returns:
-        ``{c: number of objects}`` for c = 0..19.
+        ``{c: number of objects}`` for every class c.
     """
     bank_dir = Path(bank_dir)
-    layout = VOCLayout(voc12_root).check()
-    index: dict[int, list[str]] = {c: [] for c in range(NUM_CLASSES)}
+    info.check()
+    index: dict[int, list[str]] = {c: [] for c in range(info.num_classes)}
     for image_id in tqdm(ids, desc="make_aug_fg", disable=not progress):
         mask = load_png(Path(pseudo_mask_dir) / f"{image_id}.png")
-        picked = select_object(mask, min_ratio, max_ratio)
+        picked = select_object(mask, info.num_classes, min_ratio, max_ratio)
         if picked is None:
             continue
         c, (top, left, bottom, right) = picked
-        rel = _rel_path(c, image_id)
+        rel = _rel_path(info, c, image_id)
         # Reading the mask is cheap; only the JPEG decode and the write are skipped on resume.
         if not (bank_dir / rel).is_file():
-            img = read_image(layout.image(image_id))
+            img = read_image(info.image(image_id))
             if img.shape[:2] != mask.shape:
                 raise UserError(
                     f"pseudo mask {Path(pseudo_mask_dir) / f'{image_id}.png'} is {mask.shape}, but the image "
@@ -116,8 +117,8 @@ def build_bank(
     return {c: len(paths) for c, paths in index.items()}
 
 
-def load_bank_index(bank_dir: str | os.PathLike) -> dict[int, list[Path]]:
-    """Read ``<bank_dir>/index.json`` as ``{c: [absolute .npz paths]}`` for c = 0..19.
+def load_bank_index(bank_dir: str | os.PathLike, info: DatasetInfo) -> dict[int, list[Path]]:
+    """Read ``<bank_dir>/index.json`` as ``{c: [absolute .npz paths]}`` for every class c of ``info``.
 
     Raises:
         UserError: the bank was never built, or the index lists files that are gone (stale bank).
@@ -128,7 +129,7 @@ def load_bank_index(bank_dir: str | os.PathLike) -> dict[int, list[Path]]:
         raise UserError(f"CDA object bank index {index_path} is missing: run make_aug_fg first.")
     try:
         raw = json.loads(index_path.read_text())
-        bank = {c: [bank_dir / rel for rel in raw.get(str(c), [])] for c in range(NUM_CLASSES)}
+        bank = {c: [bank_dir / rel for rel in raw.get(str(c), [])] for c in range(info.num_classes)}
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise UserError(f"CDA object bank index {index_path} is unreadable ({e}): re-run make_aug_fg.") from e
     missing = [p for paths in bank.values() for p in paths if not p.is_file()]
@@ -140,7 +141,7 @@ def load_bank_index(bank_dir: str | os.PathLike) -> dict[int, list[Path]]:
     return bank
 
 
-def format_counts(counts: dict[int, int]) -> str:
+def format_counts(counts: dict[int, int], info: DatasetInfo) -> str:
     """One line ``total N: aeroplane 3, bicycle 0, ...`` for logs."""
-    per_class = ", ".join(f"{CLASS_NAMES[c]} {counts.get(c, 0)}" for c in range(NUM_CLASSES))
+    per_class = ", ".join(f"{name} {counts.get(c, 0)}" for c, name in enumerate(info.class_names))
     return f"total {sum(counts.values())}: {per_class}"

@@ -30,7 +30,8 @@ from PIL import Image
 from scipy import ndimage
 
 from cda.bank import load_object
-from voc12.dataset import NUM_CLASSES, ClassificationDataset, read_image
+from dataset.base import read_image
+from dataset.samples import ClassificationDataset
 
 # A bank entry is a path to a ``.npz`` written by ``cda.bank`` or an in-memory ``(img, seg)`` pair.
 BankEntry = str | os.PathLike | tuple[np.ndarray, np.ndarray]
@@ -90,7 +91,7 @@ def _resize_mask(seg: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarra
 
 
 def _pick_class(label: np.ndarray, bank: Bank, rng: np.random.Generator, class_weights: str) -> int | None:
-    candidates = [c for c in range(NUM_CLASSES) if label[c] == 0 and len(bank.get(c, ())) > 0]
+    candidates = [c for c in range(len(label)) if label[c] == 0 and len(bank.get(c, ())) > 0]
     if not candidates:
         return None
     if class_weights == "uniform":
@@ -118,7 +119,7 @@ def make_composite(
     """Paste one bank object of a class absent from ``label`` into ``img`` (spec 10.3 steps 1-6).
 
     Args:
-        img: uint8 (H, W, 3) RGB. label: (20,) multi-hot.
+        img: uint8 (H, W, 3) RGB. label: (C,) multi-hot.
         bank: ``{c: [entries]}``, e.g. ``cda.bank.load_bank_index(...)``.
         rng: the only source of randomness (class, object, angle, scale, position).
         max_size: cap on the object's height/width as a fraction of H/W.
@@ -129,7 +130,7 @@ def make_composite(
         mask_order, mask_resize, class_weights: see the module docstring.
 
     Returns:
-        ``(composite uint8 (H, W, 3), label' float32 (20,) = label ∪ {c}, paste_mask bool (H, W))``.
+        ``(composite uint8 (H, W, 3), label' float32 (C,) = label ∪ {c}, paste_mask bool (H, W))``.
         When no absent class has bank objects (possible with a bank built on a few classes, e.g. the
         demo), the image and label come back unchanged (copies) with an all-False mask.
     """
@@ -166,8 +167,8 @@ def make_composite(
 class CompositeDataset(torch.utils.data.Dataset):
     """Pairs every training image with a composite of it (spec 10.3 step 7, 10.4).
 
-    Item: ``{'name': str, 'img': float32 (3, S, S), 'label': float32 (20,), 'img_aug': float32 (3, S, S),
-    'label_aug': float32 (20,)}``. The original and the composite go through ``base.transform``
+    Item: ``{'name': str, 'img': float32 (3, S, S), 'label': float32 (C,), 'img_aug': float32 (3, S, S),
+    'label_aug': float32 (C,)}``. The original and the composite go through ``base.transform``
     independently (separate resize/flip/crop draws). Generators, per sample and epoch:
     ``default_rng([seed, epoch, index])`` for the original's transform (the same draw as ``base`` with this
     seed), ``[..., index, 1]`` for the paste and ``[..., index, 2]`` for the composite's transform, so a
@@ -206,7 +207,7 @@ class CompositeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.base.ids[index]
-        img = read_image(self.base.layout.image(name))
+        img = read_image(self.base.info.image(name))
         label = np.asarray(self.base.labels[name], dtype=np.float32)
         comp, comp_label, _ = make_composite(img, label, self.bank, self._rng(index, 1), **self.composite_options)
         return {

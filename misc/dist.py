@@ -6,6 +6,8 @@ and for ``torchrun --nproc_per_node=N run_sample.py`` (N processes, DDP).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from collections.abc import Sequence
@@ -70,6 +72,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_step(seed: int, *identity: str) -> None:
+    """Seed every RNG for one step from the run seed and the step's identity (its name and round), so what a
+    step draws (initial weights, dropout) does not depend on which steps ran before it in the process: a
+    run resumed after an interruption draws exactly what the uninterrupted run drew."""
+    digest = hashlib.sha256(json.dumps([seed, *identity]).encode()).digest()
+    seed_everything(int.from_bytes(digest[:4], "little"))
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from misc.labels import IGNORE
+
 
 def path_points(dy: int, dx: int) -> np.ndarray:
     """Integer points ``(L, 2)`` ``(y, x)`` of the path from ``(0, 0)`` to ``(dy, dx)`` (spec 7.2).
@@ -126,12 +128,13 @@ def get_path_index(radius: int, grid_size: tuple[int, int]) -> PathIndex:
 
 
 def affinity_labels(label: np.ndarray | Tensor, path_index: PathIndex) -> tuple[Tensor, Tensor, Tensor]:
-    """IR label map ``(h, w)`` (0 = bg, 1..20 = class, 255 = ignore) -> ``bg_pos, fg_pos, neg`` float32
-    ``(K, n_sources)`` (spec 7.3). A pair counts only if both labels are < 21."""
+    """IR label map ``(h, w)`` (0 = bg, c + 1 = class c, 255 = ignore) -> ``bg_pos, fg_pos, neg`` float32
+    ``(K, n_sources)`` (spec 7.3). A pair counts only if neither label is ``IGNORE``: any number of classes
+    (COCO's 80 too) takes part."""
     lab = torch.as_tensor(np.asarray(label)).to(torch.float32)  # labels <= 255 are exact in float32
     src, dst = path_index.src_dst(lab[None, None])
     src, dst = src[0, 0], dst[0, 0]  # (1, n), (K, n)
-    valid = (src < 21) & (dst < 21)
+    valid = (src != IGNORE) & (dst != IGNORE)
     same = src == dst
     bg_pos = valid & same & (src == 0)
     fg_pos = valid & same & (src > 0)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Void / unlabelled pixels in every mask the pipeline reads or writes (VOC's convention).
+IGNORE = 255
+
 
 def scores_to_label(scores: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
     """(k, H, W) scores of the 0-based classes ``keys`` -> uint8 (H, W) labels.
@@ -18,7 +21,7 @@ def scores_to_label(scores: np.ndarray, keys: np.ndarray, bg_threshold: float) -
 
 
 def ignore_uncertain_background(
-    label: np.ndarray, scores: np.ndarray, confident_bg_threshold: float, ignore: int = 255
+    label: np.ndarray, scores: np.ndarray, confident_bg_threshold: float, ignore: int = IGNORE
 ) -> np.ndarray:
     """``label`` (H, W) with every background pixel whose best class score (``scores``: (k, H, W)) is at
     least ``confident_bg_threshold`` set to ``ignore``.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int = 21, ignore: int = 255) -> np.ndarray:
+def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
     """Dataset-level confusion counts of one image: ``conf[g, p]`` = #pixels with GT ``g`` and prediction ``p``.
 
     gt, pred: int (H, W). GT pixels equal to ``ignore`` are skipped. Predicted values outside
@@ -139,8 +139,8 @@ def instance_ap(
     pred_scores: Sequence[np.ndarray],
     gt_masks: Sequence[np.ndarray],
     gt_labels: Sequence[np.ndarray],
+    num_classes: int,
     iou_thresh: float = 0.5,
-    num_classes: int = 20,
     gt_void: Sequence[np.ndarray | None] | None = None,
 ) -> tuple[np.ndarray, float]:
     """VOC instance-segmentation AP per class and its mean (chainercv's protocol).

@@ -15,18 +15,21 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from misc import dist
 from misc.errors import UserError
-from misc.io import append_metrics, atomic_write, load_png, save_json
+from misc.io import append_metrics, atomic_write, save_json
 from misc.metrics import confusion_matrix, segmentation_scores
-from voc12.dataset import CLASS_NAMES
+
+if TYPE_CHECKING:
+    from dataset.base import DatasetInfo
+    from misc.train import TrainData
 
 log = logging.getLogger("wsss")
 
@@ -71,15 +74,16 @@ def dir_fingerprint(out_dir: str | os.PathLike, producer: str) -> str:
     return json.loads(manifest.read_text())["fingerprint"]
 
 
-def prepare_output_dir(out_dir: str | os.PathLike, fp: str, suffix: str) -> Path:
-    """Create ``out_dir`` for outputs of fingerprint ``fp``; delete ``*suffix`` files of another fingerprint."""
+def prepare_output_dir(out_dir: str | os.PathLike, fp: str, *patterns: str) -> Path:
+    """Create ``out_dir`` for outputs of fingerprint ``fp``; delete the files matching ``patterns`` (e.g.
+    ``*.png``) that another fingerprint produced. Call it only once the step's inputs are known to be valid."""
     out_dir = Path(out_dir)
     manifest = out_dir / MANIFEST
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         old = json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() else None
         if old != fp:
-            stale = list(out_dir.glob(f"*{suffix}"))
+            stale = [f for pattern in patterns for f in out_dir.glob(pattern)]
             if stale:
                 log.info("inputs changed since %s was written: removing %d stale files", out_dir, len(stale))
                 for f in stale:
@@ -110,37 +114,43 @@ def pending(ids: Iterable[str], out_dir: str | os.PathLike, suffix: str) -> list
     return [i for i in dist.shard(list(ids)) if not (out_dir / f"{i}{suffix}").is_file()]
 
 
-def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, producer: str) -> None:
+def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, producer: str, fix: str = "") -> None:
+    """``UserError`` unless ``out_dir/<id><suffix>`` exists for every id; ``fix`` replaces the default advice
+    (run ``producer`` on this list)."""
     missing = [i for i in ids if not (Path(out_dir) / f"{i}{suffix}").is_file()]
     if missing:
         raise UserError(
             f"{len(missing)} of {len(ids)} outputs of {producer} are missing in {out_dir} "
-            f"(first: {missing[0]}{suffix}): {how_to_run(producer)} on this list."
+            f"(first: {missing[0]}{suffix}): {fix or how_to_run(producer) + ' on this list'}."
         )
 
 
-def train_loader(dataset: Dataset, global_batch: int, args: argparse.Namespace) -> DataLoader:
-    """Shuffled, drop-last loader whose global batches are the same for any number of processes.
+def epoch_loader(data: TrainData, epoch: int, skip: int, stop: int) -> DataLoader:
+    """This rank's batches ``skip..stop-1`` of ``epoch`` of ``data`` (a ``misc.train.TrainData``).
 
-    Rank r takes ``perm[r::world]`` of one seeded permutation, so step k of N processes sees exactly the
-    samples that step k of one process sees; with per-sample seeded augmentation and frozen BN statistics
-    the averaged gradient is the same.
+    One seeded permutation per epoch, dealt round-robin to the ranks (``perm[r::world]``), so global batch
+    ``k`` is ``perm[k*b:(k+1)*b]`` for any number of processes; with per-sample seeded augmentation and
+    frozen BN statistics the averaged gradient is the same. Skipping the batches done before a resume
+    costs nothing: the indices are cut before any image is read.
     """
     world = dist.world_size()
-    if global_batch % world:
-        raise UserError(f"batch size {global_batch} is not divisible by the {world} processes")
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=args.seed, drop_last=True
-    )
+    rank_batch = data.batch_size // world
+    sampler = DistributedSampler(data.dataset, num_replicas=world, rank=dist.rank(), shuffle=True, seed=data.seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    data.dataset.set_epoch(epoch)
     return DataLoader(
-        dataset,
-        batch_size=global_batch // world,
-        sampler=sampler,
-        num_workers=args.num_workers,
+        data.dataset,
+        batch_size=rank_batch,
+        sampler=list(sampler)[skip * rank_batch : stop * rank_batch],
+        num_workers=data.num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
-        # Workers hold copies of the dataset: only fresh workers each epoch see its set_epoch().
+        # Workers hold copies of the dataset: only fresh workers each epoch see its set_epoch(). Their base
+        # seed comes from this generator, not from the global RNG, so building a loader mid-epoch after a
+        # resume leaves the global RNG (dropout) exactly where the original run had it.
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(data.seed),
     )
 
 
@@ -171,51 +181,49 @@ def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def gt_path(voc12_root: str | os.PathLike, image_id: str) -> Path:
-    return Path(voc12_root) / "SegmentationClass" / f"{image_id}.png"
-
-
-def gt_confusions(voc12_root: str | os.PathLike, image_id: str, preds: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """(21, 21) confusion matrices of (H, W) label maps of one image against its ``SegmentationClass`` mask."""
-    gt = load_png(gt_path(voc12_root, image_id))
+def gt_confusions(info: DatasetInfo, image_id: str, preds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """(L, L) confusion matrices (L = ``info.num_labels``) of (H, W) label maps of one image against its
+    ground-truth mask."""
+    gt = info.read_mask(image_id)
     for pred in preds:
         if pred.shape != gt.shape:
             raise UserError(
-                f"prediction for {image_id} is {pred.shape} but its ground truth is {gt.shape}: the outputs "
-                "of an earlier step do not match this dataset; delete them and re-run that step."
+                f"prediction for {image_id} is {pred.shape} but its ground truth {info.seg_class(image_id)} is "
+                f"{gt.shape}: the outputs of an earlier step were made for other images (or the mask is of "
+                "another size than its image); delete them and re-run that step."
             )
-    return [confusion_matrix(gt, pred) for pred in preds]
+    return [confusion_matrix(gt, pred, info.num_labels, info.ignore) for pred in preds]
 
 
 def evaluate_segmentation(
-    args: argparse.Namespace,
+    info: DatasetInfo,
     ids: list[str],
     predict: Callable[[str], np.ndarray | list[np.ndarray]],
     desc: str,
 ) -> list[dict[str, Any]]:
-    """Score label maps against VOC ``SegmentationClass`` (the caller records the rows).
+    """Score label maps against the dataset's ground truth (the caller records the rows).
 
     ``predict(id)`` returns one (H, W) label map, or a list of them (one per setting being swept, e.g.
     thresholds); the confusion matrices accumulate over all images (dataset-level IoU, spec 5).
     Returns one score dict per setting (``misc.metrics.segmentation_scores``).
     """
-    require_gt(args.voc12_root, ids)
+    require_gt(info, ids)
     totals: list[np.ndarray] = []
     for image_id in tqdm(ids, desc=desc, disable=not dist.is_main(), mininterval=2):
         preds = predict(image_id)
-        confusions = gt_confusions(args.voc12_root, image_id, preds if isinstance(preds, list) else [preds])
+        confusions = gt_confusions(info, image_id, preds if isinstance(preds, list) else [preds])
         totals = confusions if not totals else [t + c for t, c in zip(totals, confusions, strict=True)]
-    return [segmentation_scores(conf, ("background", *CLASS_NAMES)) for conf in totals]
+    return [segmentation_scores(conf, info.label_names) for conf in totals]
 
 
-def require_gt(voc12_root: str | os.PathLike, ids: list[str]) -> None:
-    missing = [i for i in ids if not gt_path(voc12_root, i).is_file()]
+def require_gt(info: DatasetInfo, ids: list[str]) -> None:
+    missing = [i for i in ids if not info.has_mask(i)]
     if missing:
         raise UserError(
-            f"{len(missing)} of {len(ids)} evaluation images have no ground truth in "
-            f"{Path(voc12_root) / 'SegmentationClass'} (first: {missing[0]}.png): pass --eval_list with ids "
-            "that have SegmentationClass masks (VOC: voc12/data/train.txt). A dataset without any masks: turn "
-            "the evaluations off (--eval_cam_pass false, ...) and --calibrate_thresholds false, which needs them."
+            f"{len(missing)} of {len(ids)} evaluation images have no ground truth (first: "
+            f"{info.seg_class(missing[0])}): pass --eval_list / --val_list with ids that have masks. A dataset "
+            "without any masks: turn the evaluations off (--eval_cam_pass false, ...) and "
+            "--calibrate_thresholds false, which needs them."
         )
 
 

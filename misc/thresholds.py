@@ -12,7 +12,8 @@ every threshold keeps its reference distance from the reference's best threshold
 
 so ``t* = 0.15`` gives back exactly the reference values. With ``--rw_normalize`` the walked maps stay in
 CAM units (see ``step.make_sem_seg_labels.propagate``), so their background thresholds are ``t*`` itself.
-eval_cam writes the result to ``<round>/calibration.json``; the driver applies it to the later steps.
+eval_cam writes the result to ``<round>/calibration.json``; the later steps read their thresholds through
+``thresholds(args)``, which takes the calibrated values for the thresholds the user left unset.
 """
 
 from __future__ import annotations
@@ -63,17 +64,20 @@ def save_calibration(args: argparse.Namespace, best: float, split: str) -> None:
                                        "rw_normalize": args.rw_normalize, **calibrated(best, args.rw_normalize)})
 
 
-def apply_calibration(args: argparse.Namespace) -> None:
-    """Set the thresholds named in ``args.calibrated_thresholds`` (those the user left unset) from this
-    round's ``calibration.json``, written by eval_cam."""
+def thresholds(args: argparse.Namespace) -> dict[str, float]:
+    """This round's four thresholds (``REFERENCE``'s names): those named in ``args.calibrated_thresholds``
+    (the ones the user left unset) from the round's ``calibration.json``, written by eval_cam; the others
+    as given."""
+    values = {name: getattr(args, name) for name in REFERENCE}
+    if not args.calibrated_thresholds:
+        return values
     path = calibration_path(args)
     if not path.is_file():
         raise UserError(f"{path} is missing: --calibrate_thresholds needs eval_cam's sweep; run eval_cam first "
                         "(--eval_cam_pass true), or set the thresholds yourself with --calibrate_thresholds false")
     saved = json.loads(path.read_text())
-    thresholds = calibrated(saved["best_cam_threshold"], args.rw_normalize)
-    for name in args.calibrated_thresholds:
-        setattr(args, name, thresholds[name])
+    derived = calibrated(saved["best_cam_threshold"], args.rw_normalize)
+    values.update({name: derived[name] for name in args.calibrated_thresholds})
     log.info("calibrated thresholds (%s, best CAM threshold %.2f on %s): %s", args.variant,
-             saved["best_cam_threshold"], saved["split"],
-             ", ".join(f"{n} {getattr(args, n)}" for n in REFERENCE))
+             saved["best_cam_threshold"], saved["split"], ", ".join(f"{n} {v}" for n, v in values.items()))
+    return values

@@ -15,7 +15,7 @@ class CAMNet(nn.Module):
     pre-ReLU class map ``classifier(x5)``: the CAM identity.
     """
 
-    def __init__(self, backbone: Backbone, num_classes: int = 20, frozen_levels: int = 3) -> None:
+    def __init__(self, backbone: Backbone, num_classes: int, frozen_levels: int = 3) -> None:
         super().__init__()
         self.backbone = backbone
         # IRNet freezes conv1..layer2 (levels 0-2): they receive no gradient.

@@ -114,7 +114,7 @@ class V3PlusHead(nn.Module):
 class DeepLab(nn.Module):
     """Backbone + DeepLab head. ``forward(x (B, 3, H, W)) -> logits (B, num_classes, H, W)``."""
 
-    def __init__(self, backbone: Backbone, arch: str, num_classes: int = 21) -> None:
+    def __init__(self, backbone: Backbone, arch: str, num_classes: int) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown DeepLab arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -150,7 +150,7 @@ class DeepLab(nn.Module):
 
 
 def build_deeplab(arch: str, backbone: str, weights: str | os.PathLike | None, output_stride: int = 16,
-                  num_classes: int = 21) -> DeepLab:
+                  *, num_classes: int) -> DeepLab:
     """DeepLab ``arch`` (``'v2'`` or ``'v3+'``) on a dilated ``backbone`` at ``output_stride`` 16 or 8.
 
     ``weights`` are the backbone's (ImageNet) weights, passed to ``build_backbone``; the head is

@@ -14,30 +14,36 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import dataset
+from dataset.base import read_id_list, read_image
 from misc import dist
 from misc.crf import ir_label_from_cam
 from misc.io import load_cam, save_png
 from misc.pipeline import dir_fingerprint, fingerprint, pending, prepare_output_dir, require_files
-from voc12.dataset import VOCLayout, read_id_list, read_image
+from misc.thresholds import thresholds
 
 log = logging.getLogger("wsss")
 
 
-def _make_ir_label(image_id: str, *, voc12_root: str, cam_dir: str, out_dir: str, fg: float, bg: float) -> str:
-    img = read_image(VOCLayout(voc12_root).image(image_id))
+def _make_ir_label(image_id: str, *, dataset_name: str, root: str, cam_dir: str, out_dir: str, fg: float,
+                   bg: float) -> str:
+    info = dataset.get_dataset(dataset_name, root)
     cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
-    save_png(Path(out_dir) / f"{image_id}.png", ir_label_from_cam(img, cams["high_res"], cams["keys"], fg, bg))
+    label = ir_label_from_cam(read_image(info.image(image_id)), cams["high_res"], cams["keys"], fg, bg)
+    save_png(Path(out_dir) / f"{image_id}.png", label, info.palette)
     return image_id
 
 
 def run(args: argparse.Namespace) -> None:
     ids = read_id_list(args.train_list)
     require_files(args.cam_out_dir, ids, ".npz", "make_cam")
-    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), fg=args.conf_fg_thres, bg=args.conf_bg_thres)
-    out_dir = prepare_output_dir(args.ir_label_out_dir, fp, ".png")
+    values = thresholds(args)
+    fg, bg = values["conf_fg_thres"], values["conf_bg_thres"]
+    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), fg=fg, bg=bg)
+    out_dir = prepare_output_dir(args.ir_label_out_dir, fp, "*.png")
     todo = pending(ids, out_dir, ".png")
-    job = partial(_make_ir_label, voc12_root=args.voc12_root, cam_dir=args.cam_out_dir, out_dir=str(out_dir),
-                  fg=args.conf_fg_thres, bg=args.conf_bg_thres)
+    job = partial(_make_ir_label, dataset_name=args.dataset, root=args.data_root, cam_dir=args.cam_out_dir,
+                  out_dir=str(out_dir), fg=fg, bg=bg)
     bar = tqdm(total=len(todo), desc="cam_to_ir_label", disable=not dist.is_main(), mininterval=2)
     if args.num_workers <= 1:
         for image_id in todo:

@@ -11,12 +11,13 @@ import argparse
 
 import numpy as np
 
+import dataset
+from dataset.base import read_id_list
 from misc import dist
 from misc.io import load_cam
 from misc.labels import scores_to_label
 from misc.pipeline import evaluate_segmentation, record, require_files, split_name
 from misc.thresholds import save_calibration
-from voc12.dataset import read_id_list
 
 
 def run(args: argparse.Namespace) -> None:
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
         cams = load_cam(f"{args.cam_out_dir}/{image_id}.npz")
         return [scores_to_label(cams["high_res"], cams["keys"], t) for t in thresholds]
 
-    scores = evaluate_segmentation(args, ids, predict, "eval_cam")
+    scores = evaluate_segmentation(dataset.from_args(args), ids, predict, "eval_cam")
     sweep = {f"{t:.2f}": s["miou"] for t, s in zip(thresholds, scores, strict=True)}
     best = max(sweep, key=sweep.get)
     chosen = scores[thresholds.index(args.cam_eval_thres)]

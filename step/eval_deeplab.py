@@ -1,4 +1,4 @@
-"""Evaluate the trained DeepLab on the val list, optionally export the VOC test-server submission.
+"""Evaluate the trained segmenter (DeepLab) on the val list, optionally export the VOC test-server submission.
 
 Inference per image: for every scale of ``args.deeplab_eval_scales`` the image and its mirror go through
 the network as one batch of two; the softmax probabilities, resized to the image, are averaged over scales
@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import dataset
+import methods
+from dataset.base import DatasetInfo, read_id_list
+from dataset.samples import ImageDataset, single_collate
 from misc import dist
 from misc.crf import crf_inference_prob
 from misc.errors import UserError
@@ -40,9 +44,6 @@ from misc.pipeline import (
     split_name,
 )
 from net.backbone import load_state, read_checkpoint
-from net.deeplab import DeepLab
-from step.train_deeplab import build_model
-from voc12.dataset import CLASS_NAMES, PALETTE, ImageDataset, VOCLayout, read_id_list, single_collate
 
 log = logging.getLogger("wsss")
 
@@ -51,7 +52,7 @@ SUBMISSION_DIR = "results/VOC2012/Segmentation/comp6_test_cls"
 
 @torch.no_grad()
 def predict_probs(
-    model: DeepLab, img: np.ndarray, scales: Sequence[float], device: torch.device, amp: bool = False
+    model: torch.nn.Module, img: np.ndarray, scales: Sequence[float], device: torch.device, amp: bool = False
 ) -> np.ndarray:
     """Multi-scale + flip class probabilities of one uint8 ``(H, W, 3)`` image -> float32 ``(C, H, W)``.
 
@@ -70,23 +71,25 @@ def predict_probs(
     return (total / (2 * len(scales))).cpu().numpy()
 
 
-def load_model(args: argparse.Namespace, device: torch.device) -> tuple[DeepLab, Path]:
-    """The trained DeepLab of ``<args.deeplab_dir>/deeplab.pth`` in eval mode, and that path."""
+def load_model(args: argparse.Namespace, info: DatasetInfo, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    """The trained segmenter of ``<args.deeplab_dir>/deeplab.pth`` in eval mode, and that path."""
     path = Path(args.deeplab_dir) / "deeplab.pth"
     if not path.is_file():
         raise UserError(f"DeepLab weights {path} are missing: run train_deeplab first (--train_deeplab_pass true).")
-    model = build_model(args, None)  # random backbone init: every weight comes from the file
+    # Random backbone init: every weight comes from the file.
+    model = methods.segmenter(args).build(args, info.num_labels, None)
     load_state(model, read_checkpoint(path), source=str(path), ignore_prefixes=())
     return model.to(device).eval(), path
 
 
 def predict_ids(
-    args: argparse.Namespace, model: DeepLab, device: torch.device, ids: list[str], out_dir: Path, desc: str
+    args: argparse.Namespace, info: DatasetInfo, model: torch.nn.Module, device: torch.device, ids: list[str],
+    out_dir: Path, desc: str,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(id, (H, W) uint8 prediction)`` for this rank's share of ``ids``.
 
     Predictions already in ``out_dir/<id>.png`` are read back; the others are inferred and saved there
-    as palette PNGs (values 0..20).
+    as palette PNGs (values ``0..info.num_labels-1``).
     """
     todo = []
     for i in dist.shard(ids):
@@ -94,20 +97,21 @@ def predict_ids(
             yield i, load_png(out_dir / f"{i}.png")
         else:
             todo.append(i)
-    loader = DataLoader(ImageDataset(args.voc12_root, todo), batch_size=1, num_workers=args.num_workers,
+    loader = DataLoader(ImageDataset(info, todo), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_collate)
     for item in tqdm(loader, desc=desc, disable=not dist.is_main(), mininterval=2):
         probs = predict_probs(model, item["img"], args.deeplab_eval_scales, device, args.amp)
         if args.deeplab_crf:
             probs = crf_inference_prob(item["img"], probs)
         pred = probs.argmax(0).astype(np.uint8)
-        save_png(out_dir / f"{item['name']}.png", pred, PALETTE)
+        save_png(out_dir / f"{item['name']}.png", pred, info.palette)
         yield item["name"], pred
 
 
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
-    model, weights = load_model(args, device)
+    info = dataset.from_args(args)
+    model, weights = load_model(args, info, device)
     scales = [float(s) for s in args.deeplab_eval_scales]
     postprocess = "msf+crf" if args.deeplab_crf else "msf"
     fp = fingerprint(weights=file_fingerprint(weights), scales=scales, crf=args.deeplab_crf,
@@ -115,38 +119,38 @@ def run(args: argparse.Namespace) -> None:
 
     split = split_name(args.val_list)
     ids = read_id_list(args.val_list)
-    require_gt(args.voc12_root, ids)
+    require_gt(info, ids)
     pred_dir = Path(args.deeplab_dir) / f"pred_{split}{'_crf' if args.deeplab_crf else ''}"
-    pred_dir = prepare_output_dir(pred_dir, fp, ".png")
-    conf = np.zeros((21, 21), dtype=np.int64)
-    for image_id, pred in predict_ids(args, model, device, ids, pred_dir, f"eval_deeplab {split}"):
-        conf += gt_confusions(args.voc12_root, image_id, [pred])[0]
+    pred_dir = prepare_output_dir(pred_dir, fp, "*.png")
+    conf = np.zeros((info.num_labels, info.num_labels), dtype=np.int64)
+    for image_id, pred in predict_ids(args, info, model, device, ids, pred_dir, f"eval_deeplab {split}"):
+        conf += gt_confusions(info, image_id, [pred])[0]
     if dist.world_size() > 1:
         total = torch.from_numpy(conf).to(device)
         torch_dist.all_reduce(total)
         conf = total.cpu().numpy()
-    scores = segmentation_scores(conf, ("background", *CLASS_NAMES))
+    scores = segmentation_scores(conf, info.label_names)
     record(args, {"step": "eval_deeplab", "split": split, "postprocess": postprocess, "scales": scales,
                   "arch": args.deeplab_arch, "backbone": args.deeplab_backbone,
                   "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
 
     if args.make_test_submission:
-        export_submission(args, model, device, fp)
+        export_submission(args, info, model, device, fp)
 
 
-def export_submission(args: argparse.Namespace, model: DeepLab, device: torch.device, fp: str) -> None:
+def export_submission(args: argparse.Namespace, info: DatasetInfo, model: torch.nn.Module, device: torch.device,
+                      fp: str) -> None:
     """Test predictions in the VOC evaluation-server layout, plus ``submission/results.tgz`` to upload."""
     ids = read_id_list(args.test_list)
-    layout = VOCLayout(args.voc12_root)
-    missing = [i for i in ids if not layout.image(i).is_file()]
+    missing = [i for i in ids if not info.image(i).is_file()]
     if missing:
         raise UserError(
-            f"{len(missing)} of {len(ids)} test images are missing in {layout.root / 'JPEGImages'} (first: "
-            f"{missing[0]}.jpg): add the VOC2012 test package to the dataset, or pass --make_test_submission false."
+            f"{len(missing)} of {len(ids)} test images are missing (first: {info.image(missing[0])}): add the test "
+            "images to the dataset (VOC: the VOC2012 test package), or pass --make_test_submission false."
         )
     root = Path(args.deeplab_dir) / "submission"
-    out_dir = prepare_output_dir(root / SUBMISSION_DIR, fp, ".png")
-    for _ in predict_ids(args, model, device, ids, out_dir, "eval_deeplab test"):
+    out_dir = prepare_output_dir(root / SUBMISSION_DIR, fp, "*.png")
+    for _ in predict_ids(args, info, model, device, ids, out_dir, "eval_deeplab test"):
         pass
     dist.barrier()
     if dist.is_main():

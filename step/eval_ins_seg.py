@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+import dataset
+from dataset.base import read_id_list
 from misc import dist
 from misc.instances import coco_json
 from misc.io import load_png, save_json
 from misc.metrics import instance_ap, instances_from_voc
 from misc.pipeline import record, require_files, split_name
-from voc12.dataset import CLASS_NAMES, VOCLayout, read_id_list
 
 log = logging.getLogger("wsss")
 
@@ -36,22 +37,23 @@ def run(args: argparse.Namespace) -> None:
         return
     ids = read_id_list(args.ins_seg_list)
     require_files(args.ins_seg_out_dir, ids, ".npz", "make_ins_seg_labels")
-    layout = VOCLayout(args.voc12_root)
-    have_gt = [i for i in ids if layout.seg_object(i).is_file() and layout.seg_class(i).is_file()]
+    info = dataset.from_args(args)
+    have_gt = [i for i in ids if info.seg_object(i) is not None and info.seg_object(i).is_file() and info.has_mask(i)]
     detections = [load_detections(Path(args.ins_seg_out_dir) / f"{i}.npz") for i in ids]
 
     sizes = [d["mask"].shape[1:] for d in detections]
-    save_json(Path(args.ins_seg_out_dir).parent / "instances_coco.json", coco_json(ids, sizes, detections, CLASS_NAMES))
+    coco = coco_json(ids, sizes, detections, info.class_names)
+    save_json(Path(args.ins_seg_out_dir).parent / "instances_coco.json", coco)
     if not have_gt:
-        log.info("eval_ins_seg: no SegmentationObject masks for %s; exported COCO JSON only", args.ins_seg_list)
+        log.info("eval_ins_seg: no instance masks for %s; exported COCO JSON only", args.ins_seg_list)
         return
     if len(have_gt) < len(ids):
-        log.info("eval_ins_seg: %d of %d images have SegmentationObject masks; scoring those", len(have_gt), len(ids))
+        log.info("eval_ins_seg: %d of %d images have instance masks; scoring those", len(have_gt), len(ids))
 
     by_id = dict(zip(ids, detections, strict=True))
     gt_masks, gt_labels, gt_void = [], [], []
     for image_id in have_gt:
-        seg_object, seg_class = load_png(layout.seg_object(image_id)), load_png(layout.seg_class(image_id))
+        seg_object, seg_class = load_png(info.seg_object(image_id)), info.read_mask(image_id)
         masks, labels = instances_from_voc(seg_object, seg_class)
         gt_masks.append(masks)
         gt_labels.append(labels)
@@ -61,12 +63,12 @@ def run(args: argparse.Namespace) -> None:
     for thresh in IOU_THRESHOLDS:
         ap, mean_ap = instance_ap(
             [d["mask"] for d in dets], [d["class"] for d in dets], [d["score"] for d in dets],
-            gt_masks, gt_labels, iou_thresh=thresh, num_classes=len(CLASS_NAMES), gt_void=gt_void,
+            gt_masks, gt_labels, num_classes=info.num_classes, iou_thresh=thresh, gt_void=gt_void,
         )
         row[f"map@{thresh}"] = 100 * mean_ap
         if thresh == 0.5:
             row["map"] = 100 * mean_ap
             row["per_class_ap"] = {
-                n: None if np.isnan(a) else 100 * float(a) for n, a in zip(CLASS_NAMES, ap, strict=True)
+                n: None if np.isnan(a) else 100 * float(a) for n, a in zip(info.class_names, ap, strict=True)
             }
     record(args, row)

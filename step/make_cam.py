@@ -15,14 +15,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import dataset
+import methods
+from dataset.base import read_id_list
+from dataset.labels import load_cls_labels
+from dataset.samples import ImageDataset
+from methods.base import CAMMethod
 from misc import dist
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.io import save_cam
 from misc.pipeline import autocast, fingerprint, pending, prepare_output_dir, weights_fingerprint
 from misc.weights import load_weights
-from net.cam import CAMNet
-from step.train_cam import build_cam_net
-from voc12.dataset import ImageDataset, load_cls_labels, read_id_list
 
 log = logging.getLogger("wsss")
 
@@ -56,7 +59,8 @@ def strided_size(h: int, w: int, stride: int = 4) -> tuple[int, int]:
 
 @torch.no_grad()
 def multiscale_cam(
-    model: CAMNet, pairs: list[torch.Tensor], size: tuple[int, int], keys: torch.Tensor, amp: bool = False
+    method: CAMMethod, model: torch.nn.Module, pairs: list[torch.Tensor], size: tuple[int, int], keys: torch.Tensor,
+    amp: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fuse flip-summed CAMs over scales (spec 4 steps 1-6).
 
@@ -69,7 +73,7 @@ def multiscale_cam(
     cam = high_res = 0
     for x in pairs:
         with autocast(x.device, amp):
-            maps = model.cam(x)
+            maps = method.cams(model, x)
         # Sum (not mean) of the image and its flipped twin, as the reference; the max-normalisation
         # below removes the scale anyway. Only the image's classes are needed from here on.
         fused = (maps[0] + maps[1].flip(-1))[keys].float().unsqueeze(0)
@@ -81,24 +85,28 @@ def multiscale_cam(
     return cam, high_res
 
 
-def load_cam_net(args: argparse.Namespace, device: torch.device) -> CAMNet:
+def load_cam_net(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The trained CAM network of this round (or ``--cam_weights``), in eval mode."""
-    model = build_cam_net(args, device)
+    model = methods.cam_method(args).build(args, dataset.from_args(args).num_classes)
     load_weights(model, args.cam_weights or args.cam_weights_name, "cam")
-    return model.eval()
+    return model.to(device).eval()
 
 
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     weights = args.cam_weights or args.cam_weights_name
-    fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales)
-    out_dir = prepare_output_dir(args.cam_out_dir, fp, ".npz")
+    info = dataset.from_args(args)
+    labels = load_cls_labels(args.cls_labels, info.num_classes)
+    # The weights are loaded (and checked) before a stale CAM is deleted.
+    model = load_cam_net(args, device)
+    fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales, method=args.cam_method)
+    out_dir = prepare_output_dir(args.cam_out_dir, fp, "*.npz")
     todo = pending(read_id_list(args.train_list), out_dir, ".npz")
     if not todo:
         log.info("make_cam: all CAMs already in %s", out_dir)
         return
-    model = load_cam_net(args, device)
-    images = ImageDataset(args.voc12_root, todo, load_cls_labels(args.cls_labels))
+    method = methods.cam_method(args)
+    images = ImageDataset(info, todo, labels)
     loader = DataLoader(
         MultiScaleDataset(images, args.cam_scales),
         batch_size=None,
@@ -108,5 +116,5 @@ def run(args: argparse.Namespace) -> None:
     for item in tqdm(loader, desc="make_cam", disable=not dist.is_main(), mininterval=2):
         keys = torch.nonzero(torch.as_tensor(item["label"]))[:, 0]
         pairs = [p.to(device, non_blocking=True) for p in item["pairs"]]
-        cam, high_res = multiscale_cam(model, pairs, tuple(item["size"]), keys.to(device), args.amp)
+        cam, high_res = multiscale_cam(method, model, pairs, tuple(item["size"]), keys.to(device), args.amp)
         save_cam(out_dir / f"{item['name']}.npz", keys.numpy(), cam.cpu().numpy(), high_res.cpu().numpy())

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import dataset
+from dataset.base import read_id_list
+from dataset.labels import resolve_labels
 from misc import dist
-from voc12.cls_labels import resolve_labels
-from voc12.dataset import SHIPPED_DIR, read_id_list
 
 
 def run(args: argparse.Namespace) -> None:
@@ -16,7 +17,7 @@ def run(args: argparse.Namespace) -> None:
         ids: list[str] = []
         for path in (args.train_list, args.val_list, args.infer_list, args.eval_list):
             ids += read_id_list(path)
-        labels = resolve_labels(args.voc12_root, ids, SHIPPED_DIR / "cls_labels.tsv", args.cls_labels)
+        labels = resolve_labels(dataset.from_args(args), ids, args.cls_labels)
         per_image = sum(float(y.sum()) for y in labels.values()) / max(1, len(labels))
         print(f"make_cls_labels: {len(labels)} images, {per_image:.2f} classes/image -> {args.cls_labels}")
     dist.barrier()

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.irn import propagate, pseudo_label_inputs
 from misc.instances import cluster_centroids, detections_from_maps, find_centroids, to_one_hot
 from misc.io import atomic_write
-from step.make_sem_seg_labels import propagate, pseudo_label_inputs
+from misc.thresholds import thresholds
 
 
 def save_detections(path: Path, detections: dict[str, np.ndarray], shape: tuple[int, int]) -> None:
@@ -24,8 +25,9 @@ def save_detections(path: Path, detections: dict[str, np.ndarray], shape: tuple[
 
 
 def run(args: argparse.Namespace) -> None:
-    inputs = pseudo_label_inputs(args, args.ins_seg_list, {args.ins_seg_out_dir: {"bg": args.ins_seg_bg_thres}},
-                                 ".npz", "make_ins_seg_labels")
+    bg = thresholds(args)["ins_seg_bg_thres"]
+    inputs = pseudo_label_inputs(args, args.ins_seg_list, {args.ins_seg_out_dir: {"bg": bg}}, ".npz",
+                                 "make_ins_seg_labels")
     for image_id, (out_dir,), img, edge, displacement, cams in inputs:
         disp = displacement.cpu().numpy()
         instances = to_one_hot(cluster_centroids(disp, find_centroids(disp)))  # (N, h4, w4)
@@ -37,5 +39,5 @@ def run(args: argparse.Namespace) -> None:
             detections = detections_from_maps(np.zeros((0, *img.shape[:2]), np.float32), cams["keys"], n_clusters)
         else:
             rw = propagate(maps, edge, img.shape[:2], args).cpu().numpy()
-            detections = detections_from_maps(rw, cams["keys"], n_clusters, args.ins_seg_bg_thres)
+            detections = detections_from_maps(rw, cams["keys"], n_clusters, bg)
         save_detections(out_dir / f"{image_id}.npz", detections, img.shape[:2])

@@ -10,70 +10,26 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import dataset
+from dataset.base import read_id_list
+from dataset.labels import load_cls_labels
+from dataset.samples import ClassificationDataset, SegmentationDataset
+from methods.irn import batch_losses, build_irn
 from misc import dist
-from misc.errors import UserError
-from misc.imutils import hwc_to_chw, normalize
-from misc.indexing import PathIndex, affinity_labels, get_path_index
+from misc.indexing import get_path_index
 from misc.optim import PolyOptimizer
-from misc.pipeline import (
-    autocast,
-    content_fingerprint,
-    dir_fingerprint,
-    fingerprint,
-    require_files,
-    train_loader,
-    up_to_date,
-)
-from misc.train import save_trained, train_epochs
-from misc.weights import load_weights, resolve_weights
-from net.backbone import build_backbone
-from net.irn import IRN, edge_and_displacement, estimate_mean_shift, irn_loss
-from voc12.dataset import (
-    ClassificationDataset,
-    SegmentationDataset,
-    VOCLayout,
-    load_cls_labels,
-    read_id_list,
-    read_image,
-)
+from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
+from misc.train import Stage, TrainData, save_trained, train
+from net.irn import estimate_mean_shift
 
 log = logging.getLogger("wsss")
 
 TRAIN_RADIUS = 10  # PathIndex radius during training (spec 7.2); inference uses 5
 TRAINING_SETTINGS = ("irn_crop_size", "irn_batch_size", "irn_num_epoches", "irn_learning_rate", "irn_weight_decay",
                      "irn_momentum", "backbone", "backbone_weights", "seed")
-
-
-def build_irn(args: argparse.Namespace, device: torch.device) -> IRN:
-    return IRN(build_backbone(args.backbone, resolve_weights(args.backbone_weights))).to(device)
-
-
-def irn_weights(args: argparse.Namespace) -> str:
-    """The IRN weights this round uses: ``--irn_weights`` (a path or registry name), else train_irn's output."""
-    if args.irn_weights:
-        return args.irn_weights
-    if not Path(args.irn_weights_name).is_file():
-        raise UserError(f"IRN weights {args.irn_weights_name} are missing: run train_irn first "
-                        "(--train_irn_pass true) or pass --irn_weights.")
-    return args.irn_weights_name
-
-
-def batch_losses(
-    net: torch.nn.Module, batch: dict, path_index: PathIndex, device: torch.device, amp: bool
-) -> dict[str, torch.Tensor]:
-    """IRN losses of a batch: images (B, 3, S, S) and IR labels (B, S/4, S/4); ``total`` first."""
-    img = batch["img"].to(device, non_blocking=True)
-    # Pair labels are built on the host per image, then moved: (B, K, n_sources) each.
-    labels = [affinity_labels(lab, path_index) for lab in batch["label"].numpy()]
-    bg_pos, fg_pos, neg = (torch.stack(t).to(device) for t in zip(*labels, strict=True))
-    with autocast(device, amp):
-        edge, disp = net(img)
-    terms = irn_loss(edge.float(), disp.float(), bg_pos, fg_pos, neg, path_index)
-    return {"total": terms.pop("total"), **terms}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -87,51 +43,35 @@ def run(args: argparse.Namespace) -> None:
     if up_to_date(out, fp):
         log.info("train_irn: %s is up to date with its inputs; skipping (delete it to retrain)", out)
         return
-    dataset = SegmentationDataset(
-        args.voc12_root, ids, args.ir_label_out_dir, crop_size=args.irn_crop_size,
-        scale_range=(0.5, 1.5), label_scale=0.25, seed=args.seed,
-    )
-    loader = train_loader(dataset, args.irn_batch_size, args)
-    if len(loader) == 0:
-        raise ValueError(f"{args.train_list} has fewer images than one batch ({args.irn_batch_size})")
-    max_step = len(loader) * args.irn_num_epoches
+    dist.seed_step(args.seed, "train_irn", args.variant)
+    info = dataset.from_args(args)
+    train_set = SegmentationDataset(info, ids, args.ir_label_out_dir, crop_size=args.irn_crop_size,
+                                    scale_range=(0.5, 1.5), label_scale=0.25, seed=args.seed)
+    data = TrainData(train_set, args.irn_batch_size, args.seed, args.num_workers)
+    steps = data.steps_per_epoch * args.irn_num_epoches
     grid = (args.irn_crop_size + 3) // 4
     path_index = get_path_index(TRAIN_RADIUS, (grid, grid))
+    model = build_irn(args).to(device)
 
-    model = build_irn(args, device)
-    optimizer = PolyOptimizer(model.param_groups(args.irn_learning_rate), lr=args.irn_learning_rate,
-                              weight_decay=args.irn_weight_decay, max_step=max_step, momentum=args.irn_momentum)
-    log.info("train_irn: %d images, %d steps/epoch x %d epochs", len(dataset), len(loader), args.irn_num_epoches)
+    def optimizer(net: torch.nn.Module) -> PolyOptimizer:
+        return PolyOptimizer(net.param_groups(args.irn_learning_rate), lr=args.irn_learning_rate,
+                             weight_decay=args.irn_weight_decay, max_step=steps, momentum=args.irn_momentum)
+
+    log.info("train_irn: %d images, %d steps/epoch x %d epochs", len(train_set), data.steps_per_epoch,
+             args.irn_num_epoches)
 
     def losses(net: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         return batch_losses(net, batch, path_index, device, args.amp)
 
-    train_epochs(model, optimizer, loader, args.irn_num_epoches, out, fp, losses)
-    shift = estimate_mean_shift(model, _mean_shift_loader(args))
+    train(model, [Stage(steps, optimizer)], data, out, fp, losses)
+    shift = estimate_mean_shift(model, _mean_shift_loader(args, info))
     log.info("train_irn: mean shift %s", shift.tolist())
     save_trained(model, out, fp)
 
 
-def _mean_shift_loader(args: argparse.Namespace) -> DataLoader:
+def _mean_shift_loader(args: argparse.Namespace, info: dataset.DatasetInfo) -> DataLoader:
     """Top-left crops of this rank's share of the inference list (spec 7.6)."""
     ids = dist.shard(read_id_list(args.infer_list))
-    dataset = ClassificationDataset(args.voc12_root, ids, load_cls_labels(args.cls_labels),
-                                    crop_size=args.irn_crop_size, augment=False)
-    return DataLoader(dataset, batch_size=args.irn_batch_size, num_workers=args.num_workers)
-
-
-class IRNInference:
-    """The trained IRN in eval mode: image id -> (uint8 image (H, W, 3), edge (H4, W4), displacement (2, H4, W4))."""
-
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
-        self.model = build_irn(args, device)
-        load_weights(self.model, irn_weights(args), "irn")
-        self.model.eval()
-        self.layout = VOCLayout(args.voc12_root)
-        self.device = device
-
-    def __call__(self, image_id: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        img = read_image(self.layout.image(image_id))
-        x = torch.from_numpy(hwc_to_chw(normalize(img)))[None].to(self.device)
-        edge, disp = edge_and_displacement(self.model, x)
-        return img, edge.float(), disp.float()
+    images = ClassificationDataset(info, ids, load_cls_labels(args.cls_labels, info.num_classes),
+                                   crop_size=args.irn_crop_size, augment=False)
+    return DataLoader(images, batch_size=args.irn_batch_size, num_workers=args.num_workers)

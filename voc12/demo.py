@@ -48,6 +48,12 @@ Layout (as VOC2012)
 (``id<TAB>background``) and ``demo_manifest.json``. Ids look like VOC ids, ``2100_000001`` (a year no VOC
 image has, so the shipped labels never shadow them).
 
+COCO layout
+-----------
+``make_demo_coco`` writes the same kind of images in the COCO 2014 layout of ``dataset.coco14``, each shape
+labelled with a COCO class (``COCO_CLASS_OF_SHAPE``: cat -> teddy bear, cow -> elephant, car -> truck, ...),
+so that mask values above VOC's 20 are exercised end to end.
+
 Determinism: the plan comes from ``default_rng([seed, 0])`` and image ``i`` from ``default_rng([seed, 1,
 i])``; the same parameters give byte-identical files. The manifest is written last (atomically) and is
 the commit point: with a matching manifest and all files present ``make_demo_dataset`` is a no-op,
@@ -64,7 +70,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 
@@ -72,9 +78,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
+from dataset.base import IGNORE, read_id_list, voc_palette
+from dataset.coco14 import COCO14
+from dataset.voc12 import VOC12
 from misc.errors import UserError
 from misc.io import save_json
-from voc12.dataset import CLASS_NAMES, IGNORE, PALETTE, VOCLayout, read_id_list
 
 DEMO_CLASSES: tuple[str, ...] = ("aeroplane", "bird", "boat", "car", "cat", "cow", "sheep", "train")
 BACKGROUNDS: tuple[str, ...] = ("sky", "water", "grass", "road", "rails", "indoor")
@@ -89,6 +97,18 @@ TYPICAL_BACKGROUND: dict[str, str] = {
     "train": "rails",
 }
 ID_YEAR = "2100"
+# The COCO class each demo shape is drawn as in the COCO-layout demo (make_demo_coco). Cat and cow become
+# teddy bear (mask value 78) and elephant (21), so mask values above VOC's 20 occur; the others keep a
+# COCO class of their own (airplane 5, bird 15, boat 9, truck 8, sheep 19, train 7).
+COCO_CLASS_OF_SHAPE: dict[str, str] = {
+    "aeroplane": "airplane", "bird": "bird", "boat": "boat", "car": "truck",
+    "cat": "teddy bear", "cow": "elephant", "sheep": "sheep", "train": "train",
+}  # fmt: skip
+# COCO-demo image numbers start here, far above real COCO 2014 numbers (< 600000): COCO_train2014_210000000001.
+COCO_ID_BASE = int(ID_YEAR) * 10**8
+# The mask value of each demo shape: its own class in the VOC demo, COCO_CLASS_OF_SHAPE's in the COCO demo.
+_VOC_MASK_VALUES = {name: VOC12.class_names.index(name) + 1 for name in DEMO_CLASSES}
+_COCO_MASK_VALUES = {name: COCO14.class_names.index(coco) + 1 for name, coco in COCO_CLASS_OF_SHAPE.items()}
 MANIFEST = "demo_manifest.json"
 CONTEXT_FILE = "demo_context.tsv"
 FORMAT_VERSION = 1
@@ -528,9 +548,12 @@ def _layout(classes: list[int], n_objects: int, rng: np.random.Generator) -> lis
 
 
 def _render(
-    background: str, classes: list[int], rng: np.random.Generator
+    background: str, classes: list[int], rng: np.random.Generator, mask_values: Mapping[str, int]
 ) -> tuple[Array, Array, Array, list[tuple[str, tuple[int, int, int, int]]]]:
-    """One image: (rgb uint8 (H, W, 3), class map uint8, instance map uint8, [(class, box)])."""
+    """One image: (rgb uint8 (H, W, 3), class map uint8 (H, W), instance map uint8 (H, W), [(shape, box)]).
+
+    ``mask_values``: the class map value of each demo shape (``DEMO_CLASSES`` name), the dataset's encoding.
+    """
     height, width = (int(v) for v in rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, 2))
     if len(classes) == 2:
         n_objects = 3 if rng.random() < 0.3 else 2
@@ -578,7 +601,7 @@ def _render(
         (name, (cols.start + 1, rows.start + 1, cols.stop, rows.stop))  # VOC boxes are 1-based, inclusive
         for name, (rows, cols) in zip(objects, ndimage.find_objects(inst), strict=True)
     ]
-    cls_lut = np.array([0] + [CLASS_NAMES.index(n) + 1 for n in objects], np.uint8)
+    cls_lut = np.array([0] + [mask_values[n] for n in objects], np.uint8)
     cls_map = cls_lut[inst]
     # VOC marks object outlines as void: every pixel whose 3x3 neighbourhood sees two instances (or an
     # instance and the background) becomes 255, a band about 2-3 px wide straddling the boundary.
@@ -611,7 +634,7 @@ def _annotation_xml(name: str, height: int, width: int, boxes: list[tuple[str, t
 
 def _palette_png(label: Array) -> bytes:
     img = Image.fromarray(label)
-    img.putpalette(PALETTE.tolist())
+    img.putpalette(voc_palette().tolist())
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -657,35 +680,35 @@ def _params(seed: int, n_train_aug: int, n_train: int, n_val: int, p_typical: fl
     }
 
 
-def _is_complete(root: Path, params: dict) -> bool:
+def _is_complete(root: Path, params: dict, lists: list[Path], files: Callable[[str], tuple[Path, ...]]) -> bool:
+    """The manifest matches ``params`` and every id of the id ``lists`` has all its ``files(id)``."""
     manifest = root / MANIFEST
     try:
         if json.loads(manifest.read_text()) != params:
             return False
     except (OSError, ValueError):
         return False
-    layout = VOCLayout(root)
-    ids = read_id_list(layout.split_list("train_aug")) + read_id_list(layout.split_list("val"))
-    return all(
-        p.is_file()
-        for name in ids
-        for p in (layout.image(name), layout.seg_class(name), layout.seg_object(name), layout.annotation(name))
-    )
+    ids = [name for path in lists for name in read_id_list(path)]
+    return all(p.is_file() for name in ids for p in files(name))
 
 
-def _refuse_foreign(root: Path) -> None:
-    """Never write demo files into a real dataset that was passed by mistake."""
-    jpegs = root / "JPEGImages"
-    if (root / MANIFEST).is_file() or not jpegs.is_dir():
+def _refuse_foreign(root: Path, image_dirs: tuple[str, ...], demo_name: str) -> None:
+    """Never write demo files into a real dataset that was passed by mistake: without a demo manifest, every
+    file in ``image_dirs`` must be named like a demo image (regex ``demo_name``)."""
+    if (root / MANIFEST).is_file():
         return
-    pattern = re.compile(rf"{ID_YEAR}_\d{{6}}\.jpg")
-    with os.scandir(jpegs) as it:
-        for entry in it:
-            if not pattern.fullmatch(entry.name):
-                raise UserError(
-                    f"{root} already holds a dataset ({jpegs / entry.name}) that is not the demo: choose "
-                    "another directory for the demo dataset."
-                )
+    pattern = re.compile(demo_name)
+    for image_dir in image_dirs:
+        images = root / image_dir
+        if not images.is_dir():
+            continue
+        with os.scandir(images) as it:
+            for entry in it:
+                if not pattern.fullmatch(entry.name):
+                    raise UserError(
+                        f"{root} already holds a dataset ({images / entry.name}) that is not the demo: choose "
+                        "another directory for the demo dataset."
+                    )
 
 
 def make_demo_dataset(
@@ -714,11 +737,13 @@ def make_demo_dataset(
     if not 0.0 <= p_typical <= 1.0:
         raise UserError(f"p_typical must lie in [0, 1], got {p_typical}")
     params = _params(seed, n_train_aug, n_train, n_val, p_typical)
-    if _is_complete(root, params):
+    layout = VOC12(root)
+    lists = [layout.split_list("train_aug"), layout.split_list("val")]
+    if _is_complete(root, params, lists, lambda name: (layout.image(name), layout.seg_class(name),
+                                                       layout.seg_object(name), layout.annotation(name))):
         return root
-    _refuse_foreign(root)
+    _refuse_foreign(root, ("JPEGImages",), rf"{ID_YEAR}_\d{{6}}\.jpg")
     (root / MANIFEST).unlink(missing_ok=True)  # an interrupted regeneration must not look complete
-    layout = VOCLayout(root)
     for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True, exist_ok=True)
 
@@ -732,7 +757,8 @@ def make_demo_dataset(
     context = []
     for i, (name, (primary, background, second)) in enumerate(zip(ids, plan, strict=True)):
         classes = [primary] if second is None else [primary, second]
-        rgb, cls_map, inst, boxes = _render(background, classes, np.random.default_rng([seed, 1, i]))
+        rng = np.random.default_rng([seed, 1, i])
+        rgb, cls_map, inst, boxes = _render(background, classes, rng, _VOC_MASK_VALUES)
         Image.fromarray(rgb).save(layout.image(name), format="JPEG", quality=JPEG_QUALITY)
         layout.seg_class(name).write_bytes(_palette_png(cls_map))
         layout.seg_object(name).write_bytes(_palette_png(inst))
@@ -745,10 +771,90 @@ def make_demo_dataset(
     return root
 
 
+def make_demo_coco(
+    root: str | os.PathLike,
+    *,
+    seed: int = 0,
+    n_train: int = 400,
+    n_val: int = 120,
+    p_typical: float = 0.85,
+) -> Path:
+    """Write the demo in the COCO 2014 layout (``dataset.coco14``) under ``root`` (a no-op when it is already
+    there) and return ``root``.
+
+    The same drawings, backgrounds and context bias as ``make_demo_dataset``, each shape labelled with the COCO
+    class ``COCO_CLASS_OF_SHAPE`` gives it, so mask values above 20 (teddy bear 78, elephant 21) run through
+    the pipeline:
+
+    ==========  ==========  ==========
+    shape       COCO class  mask value
+    ==========  ==========  ==========
+    aeroplane   airplane    5
+    bird        bird        15
+    boat        boat        9
+    car         truck       8
+    cat         teddy bear  78
+    cow         elephant    21
+    sheep       sheep       19
+    train       train       7
+    ==========  ==========  ==========
+
+    Files: ``train2014/COCO_train2014_<n>.jpg``, ``val2014/COCO_val2014_<n>.jpg`` with ``<n>`` = 12 digits
+    from ``COCO_ID_BASE + 1`` on (train first, then val; never a real COCO number), palette PNG masks
+    ``SegmentationClass/{train2014,val2014}/<id>.png`` (0 background, class ``c`` as ``c + 1``, a 255 void band
+    on every object boundary), ``ImageSets/{train,val}.txt`` and ``demo_manifest.json``. No instance masks and
+    no instances JSON. Plan and images come from ``default_rng([seed, 2])`` and ``default_rng([seed, 3, i])``
+    (other streams than the VOC demo's); the same parameters give byte-identical files.
+
+    Args:
+        seed: the same seed and sizes give byte-identical files.
+        n_train: training images (also the default evaluation list of ``coco14``).
+        n_val: disjoint images for the final segmentation evaluation.
+        p_typical: fraction of the images of each class on its typical background.
+    """
+    root = Path(root)
+    if n_train < 1 or n_val < 1:
+        raise UserError(f"COCO demo sizes need n_train >= 1 and n_val >= 1, got {n_train, n_val}")
+    if not 0.0 <= p_typical <= 1.0:
+        raise UserError(f"p_typical must lie in [0, 1], got {p_typical}")
+    params = {
+        "generator": "voc12.demo.coco",
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "p_typical": p_typical,
+        "classes": COCO_CLASS_OF_SHAPE,
+        "typical_background": TYPICAL_BACKGROUND,
+    }
+    layout = COCO14(root)
+    lists = {split: root / "ImageSets" / f"{split}.txt" for split in ("train", "val")}
+    if _is_complete(root, params, list(lists.values()), lambda name: (layout.image(name), layout.seg_class(name))):
+        return root
+    _refuse_foreign(root, ("train2014", "val2014"), rf"COCO_(train|val)2014_{ID_YEAR}\d{{8}}\.jpg")
+    (root / MANIFEST).unlink(missing_ok=True)  # an interrupted regeneration must not look complete
+    for d in ("train2014", "val2014", "SegmentationClass/train2014", "SegmentationClass/val2014", "ImageSets"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+
+    plan_rng = np.random.default_rng([seed, 2])
+    # train and val are planned separately so each has the configured bias on its own.
+    plan = _plan(n_train, p_typical, plan_rng) + _plan(n_val, p_typical, plan_rng)
+    ids = [f"COCO_{'train' if i <= n_train else 'val'}2014_{COCO_ID_BASE + i:012d}" for i in range(1, len(plan) + 1)]
+    for i, (name, (primary, background, second)) in enumerate(zip(ids, plan, strict=True)):
+        classes = [primary] if second is None else [primary, second]
+        rgb, cls_map, _, _ = _render(background, classes, np.random.default_rng([seed, 3, i]), _COCO_MASK_VALUES)
+        Image.fromarray(rgb).save(layout.image(name), format="JPEG", quality=JPEG_QUALITY)
+        layout.seg_class(name).write_bytes(_palette_png(cls_map))
+    for split, split_ids in (("train", ids[:n_train]), ("val", ids[n_train:])):
+        lists[split].write_text("".join(f"{i}\n" for i in split_ids))
+    save_json(root / MANIFEST, params)
+    return root
+
+
 def context_bias(root: str | os.PathLike, split: str = "train_aug") -> dict[str, float]:
     """Per demo class: the fraction of the split's images containing it that show its typical background."""
     root = Path(root)
-    layout = VOCLayout(root)
+    layout = VOC12(root)
     backgrounds = dict(line.split("\t") for line in (root / CONTEXT_FILE).read_text().splitlines())
     hits = dict.fromkeys(DEMO_CLASSES, 0)
     totals = dict.fromkeys(DEMO_CLASSES, 0)

@@ -1,0 +1,86 @@
+"""The three kinds of plug-in a round of the pipeline is made of, and what each must provide.
+
+- A **CAM method** trains a classifier on image-level tags and turns it into class activation maps. The
+  generic steps ``train_cam`` (with CDA as an option), ``make_cam`` (multi-scale + flip inference into the
+  standard CAM files) and ``eval_cam`` run any CAM method through this interface.
+- A **refiner** turns a round's CAM files into semantic pseudo masks ``<round>/sem_seg/<id>.png`` (what
+  CDA's object bank and the segmenter learn from), by steps of its own.
+- A **segmenter** learns from the pseudo masks (or ground truth) and predicts label maps, through the
+  generic ``train_deeplab`` / ``eval_deeplab`` steps.
+
+Each plug-in lists its steps as ``(pass flag, step module)`` pairs; the driver runs them in order, and
+``--<pass flag>_pass false`` skips one. See docs/DESIGN.md, "How to add a CAM method / refiner".
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from misc.train import Stage
+
+StepList = tuple[tuple[str, str], ...]
+
+
+class CAMMethod:
+    """A classifier trained on tags whose activation maps are the CAMs.
+
+    ``settings``: the ``args`` fields (beyond the CAM training ones) that shape the trained weights, part
+    of the weights' fingerprint. ``steps``: the round's CAM steps (the generic three, unless the method
+    brings its own).
+    """
+
+    name: ClassVar[str]
+    settings: ClassVar[tuple[str, ...]] = ()
+    steps: ClassVar[StepList] = (("train_cam", "train_cam"), ("make_cam", "make_cam"), ("eval_cam", "eval_cam"))
+
+    def build(self, args: argparse.Namespace, num_classes: int) -> nn.Module:
+        """The network on the CPU, its backbone on ``args.backbone_weights`` (ImageNet)."""
+        raise NotImplementedError
+
+    def stages(self, args: argparse.Namespace, steps_per_epoch: int,
+               poly_length: Callable[[int], int]) -> list[Stage]:
+        """The training stages; ``poly_length(n)`` is the poly schedule's length for a stage of ``n`` steps
+        (``n``, except for CDA's reference schedule)."""
+        raise NotImplementedError
+
+    def losses(self, net: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named losses of a batch: images (B, 3, S, S), multi-hot labels (B, C); the first is optimised."""
+        raise NotImplementedError
+
+    def cams(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> non-negative class maps (B, C, h, w), unnormalised (``make_cam`` fuses scales,
+        flips and normalises)."""
+        raise NotImplementedError
+
+
+class Refiner:
+    """CAM files -> semantic pseudo masks in ``<round>/sem_seg``, by the steps it lists (run in order after
+    the CAM steps; ``eval_sem_seg`` scores any refiner's masks)."""
+
+    name: ClassVar[str]
+    steps: ClassVar[StepList]
+
+
+class Segmenter:
+    """A fully supervised segmentation network trained on the pseudo masks.
+
+    ``build`` returns a module whose ``forward(x (B, 3, H, W), upsample: bool)`` gives logits
+    ``(B, num_labels, H, W)`` (at its own stride with ``upsample=False``) and whose ``param_groups()``
+    gives (backbone parameters, head parameters) for the 1x / 10x learning rates.
+    """
+
+    name: ClassVar[str]
+    steps: ClassVar[StepList] = (("train_deeplab", "train_deeplab"), ("eval_deeplab", "eval_deeplab"))
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    def build(self, args: argparse.Namespace, num_labels: int, backbone_weights: str | None) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training loss of (B, L, H, W) logits against (B, H, W) labels (255 = ignore)."""
+        raise NotImplementedError
