@@ -18,20 +18,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bench.measure import Measurement, Meter
+from dataset.voc12 import VOC12
+from methods.cam import PlainCAM
+from methods.deeplab import DeepLabSegmenter
+from methods.irn import batch_losses as irn_batch_losses
+from methods.irn import propagate
 from misc.crf import ir_label_from_cam
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.indexing import get_path_index, random_walk, random_walk_dense
 from misc.labels import scores_to_label
 from misc.optim import PolyOptimizer
 from misc.pipeline import autocast
-from net.backbone import build_backbone
 from net.cam import CAMNet
 from net.deeplab import build_deeplab
+from net.factory import build_backbone
 from net.irn import IRN, edge_and_displacement
-from step import train_cam, train_irn
 from step.make_cam import MultiScaleDataset, multiscale_cam, strided_size
-from step.make_sem_seg_labels import propagate
-from step.train_deeplab import segmentation_loss
 from step.train_irn import TRAIN_RADIUS
 
 # Random-walk settings of the pipeline (run_sample defaults, spec 8.2).
@@ -42,6 +44,7 @@ DENSE_FULL_MAX_PIXELS = 4096
 CPU_TRAIN_BATCH = 2  # on CPU the training steps use this batch instead of the preset's (GPU-sized) one
 CRF_IMAGES = 2  # per timed call: one per worker of the 2-process pool
 KEYS = np.array([2, 11])  # the classes present in the synthetic image
+NUM_CLASSES = len(VOC12.class_names)  # the benchmarks time VOC-sized heads
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,9 @@ def per_view_cam(model: CAMNet, img: np.ndarray, scales: tuple[float, ...], keys
 def bench_make_cam(ctx: Context, p: Profile) -> list[Row]:
     """make_cam's per-image work against the per-view baseline, on one image of the profile's size."""
     device, scales = ctx.device, tuple(p.preset["cam_scales"])
-    model = CAMNet(build_backbone(p.preset["backbone"], None)).to(device).eval()
+    model = CAMNet(build_backbone(p.preset["backbone"], None), NUM_CLASSES).to(device).eval()
     img = synthetic_image(*p.size, seed=0)
-    label = np.zeros(20, np.float32)
+    label = np.zeros(NUM_CLASSES, np.float32)
     label[KEYS] = 1
     images = MultiScaleDataset([{"name": "synthetic", "label": label, "img": img}], scales)
     keys = torch.from_numpy(KEYS).to(device)
@@ -167,7 +170,7 @@ def bench_make_cam(ctx: Context, p: Profile) -> list[Row]:
     def ours() -> None:
         item = images[0]  # the resizing that make_cam's loader workers do
         pairs = [x.to(device, non_blocking=True) for x in item["pairs"]]
-        cam, high_res = multiscale_cam(model, pairs, item["size"], keys, ctx.amp)
+        cam, high_res = multiscale_cam(PlainCAM(), model, pairs, item["size"], keys, ctx.amp)
         out["ours"] = cam.cpu().numpy(), high_res.cpu().numpy()
 
     def baseline() -> None:
@@ -279,17 +282,19 @@ def bench_train_cam(ctx: Context, p: Profile) -> list[Row]:
     """One CAM training step as in train_cam (multi-label soft-margin loss, poly SGD)."""
     device, crop = ctx.device, p.crop or p.preset["cam_crop_size"]
     batch = ctx.batch(p.preset["cam_batch_size"])
-    model = CAMNet(build_backbone(p.preset["backbone"], None)).to(device).train()
+    model = CAMNet(build_backbone(p.preset["backbone"], None), NUM_CLASSES).to(device).train()
     backbone, head = model.param_groups()
     opt = PolyOptimizer([{"params": backbone, "lr": 1e-3}, {"params": head, "lr": 1e-2}], lr=1e-3,
                         weight_decay=1e-4, max_step=10**6)
     imgs = torch.randn(batch, 3, crop, crop, device=device)
-    labels = torch.zeros(batch, 20, device=device)
+    labels = torch.zeros(batch, NUM_CLASSES, device=device)
     labels[:, KEYS] = 1
 
-    batch_data = {"img": imgs, "label": labels}
+    def loss() -> torch.Tensor:
+        with autocast(device, ctx.amp):
+            return PlainCAM().losses(model, imgs, labels)["loss"]
 
-    step = _optimiser_step(opt, lambda: train_cam.batch_losses(model, batch_data, device, ctx.amp)["loss"])
+    step = _optimiser_step(opt, loss)
 
     return [_train_row(ctx, "train_cam", f"{p.name}, {p.preset['backbone']}", crop, batch,
                        p.preset["cam_batch_size"], step)]
@@ -304,11 +309,11 @@ def bench_train_irn(ctx: Context, p: Profile) -> list[Row]:
     grid = (crop + 3) // 4
     path_index = get_path_index(TRAIN_RADIUS, (grid, grid))
     imgs = torch.randn(batch, 3, crop, crop, device=device)
-    ir_labels = np.stack([synthetic_label(grid, grid, cls=1 + i % 20) for i in range(batch)])
+    ir_labels = np.stack([synthetic_label(grid, grid, cls=1 + i % NUM_CLASSES) for i in range(batch)])
 
     batch_data = {"img": imgs, "label": torch.from_numpy(ir_labels)}
 
-    step = _optimiser_step(opt, lambda: train_irn.batch_losses(model, batch_data, path_index, device, ctx.amp)["total"])
+    step = _optimiser_step(opt, lambda: irn_batch_losses(model, batch_data, path_index, device, ctx.amp)["total"])
 
     return [_train_row(ctx, "train_irn", f"{p.name}, {p.preset['backbone']}", crop, batch,
                        p.preset["irn_batch_size"], step)]
@@ -319,17 +324,17 @@ def bench_train_deeplab(ctx: Context, p: Profile) -> list[Row]:
     device, crop = ctx.device, p.crop or p.preset["deeplab_crop_size"]
     batch = ctx.batch(p.preset["deeplab_batch_size"])
     arch, backbone = p.preset["deeplab_arch"], p.preset["deeplab_backbone"]
-    model = build_deeplab(arch, backbone, None, 16, num_classes=21).to(device).train()
+    model = build_deeplab(arch, backbone, None, 16, num_classes=NUM_CLASSES + 1).to(device).train()
     backbone_params, head = model.param_groups()
     opt = PolyOptimizer([{"params": backbone_params, "lr": 1e-4}, {"params": head, "lr": 1e-3}], lr=1e-4,
                         weight_decay=5e-4, max_step=10**6, momentum=0.9)
     imgs = torch.randn(batch, 3, crop, crop, device=device)
-    target = torch.from_numpy(np.stack([synthetic_label(crop, crop, cls=1 + i % 20) for i in range(batch)]))
+    target = torch.from_numpy(np.stack([synthetic_label(crop, crop, cls=1 + i % NUM_CLASSES) for i in range(batch)]))
     target = target.long().to(device)
 
     def loss() -> torch.Tensor:
         with autocast(device, ctx.amp):
-            return segmentation_loss(model(imgs), target)
+            return DeepLabSegmenter().loss(model(imgs), target)
 
     step = _optimiser_step(opt, loss)
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from misc.io import load_png, read_metrics
+from dataset.base import read_id_list
+from dataset.voc12 import VOC12
+from misc.io import read_metrics
 from misc.metrics import confusion_matrix, segmentation_scores
-from voc12.dataset import CLASS_NAMES, read_id_list
 
 REPO = Path(__file__).resolve().parent.parent
 START, END = "<!-- demo:start -->", "<!-- demo:end -->"
@@ -45,17 +46,17 @@ def trivial_baselines(voc12_root: Path, eval_list: Path) -> dict[str, float]:
 
     For an image with several classes the second baseline gives each pixel the image's first class.
     """
-    ids = read_id_list(eval_list)
-    conf_bg, conf_cls = np.zeros((21, 21), np.int64), np.zeros((21, 21), np.int64)
-    for image_id in ids:
-        gt = load_png(voc12_root / "SegmentationClass" / f"{image_id}.png")
-        classes = sorted(set(np.unique(gt).tolist()) - {0, 255})
-        conf_bg += confusion_matrix(gt, np.zeros_like(gt))
-        conf_cls += confusion_matrix(gt, np.full_like(gt, classes[0] if classes else 0))
-    names = ("background", *CLASS_NAMES)
+    info = VOC12(voc12_root)
+    n = info.num_labels
+    conf_bg, conf_cls = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
+    for image_id in read_id_list(eval_list):
+        gt = info.read_mask(image_id)
+        classes = sorted(set(np.unique(gt).tolist()) - {0, info.ignore})
+        conf_bg += confusion_matrix(gt, np.zeros_like(gt), n)
+        conf_cls += confusion_matrix(gt, np.full_like(gt, classes[0] if classes else 0), n)
     return {
-        "all background": segmentation_scores(conf_bg, names)["miou"],
-        "image class everywhere": segmentation_scores(conf_cls, names)["miou"],
+        "all background": segmentation_scores(conf_bg, info.label_names)["miou"],
+        "image class everywhere": segmentation_scores(conf_cls, info.label_names)["miou"],
     }
 
 

@@ -13,7 +13,7 @@ segmenter predicts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -168,6 +168,22 @@ class DatasetInfo:
         """The id list of ``split`` (the dataset's own, else one shipped or generated into ``cache_dir``),
         or None when the dataset has no such split."""
         raise NotImplementedError
+
+    def own_or_scanned_list(self, split: str, cache_dir: str | os.PathLike,
+                            scan: Callable[[], list[str]]) -> Path | None:
+        """The folder's own ``ImageSets/<split>.txt``, else the ids ``scan()`` finds written to
+        ``<cache_dir>/<name>/<split>.txt`` (None if it finds none). The scan runs on every call, so a list
+        never outlives a change of the folder; the file is rewritten only when its ids change."""
+        own = self.root / "ImageSets" / f"{split}.txt"
+        if own.is_file():
+            return own
+        ids = scan()
+        if not ids:
+            return None
+        cached = Path(cache_dir) / self.name / f"{split}.txt"
+        if not cached.is_file() or read_id_list(cached) != ids:
+            write_id_list(cached, ids)
+        return cached
 
     def shipped_labels(self) -> Path | None:
         """A shipped ``id<TAB>1-based classes`` TSV of image-level labels, if any."""

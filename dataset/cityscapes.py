@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dataset.base import IGNORE, DatasetInfo, write_id_list
+from dataset.base import IGNORE, DatasetInfo
 from misc.errors import UserError
 from misc.io import load_png
 
@@ -103,6 +103,9 @@ class Cityscapes(DatasetInfo):
         """The labelIds mask (Cityscapes' 34 label ids), the source of trainIds when those were not generated."""
         return self._files(self.split_of(image_id), image_id)[2]
 
+    def has_mask(self, image_id: str) -> bool:
+        return self.seg_class(image_id).is_file() or self.label_ids(image_id).is_file()
+
     def read_mask(self, image_id: str) -> np.ndarray:
         """trainIds uint8 ``(H, W)``: the labelTrainIds PNG, else the labelIds PNG converted."""
         return self._read_train_ids(self.label_source(image_id))
@@ -125,18 +128,11 @@ class Cityscapes(DatasetInfo):
         return label_ids_to_train_ids(mask) if path.name.endswith(LABEL_IDS_SUFFIX) else mask
 
     def list_path(self, split: str, cache_dir: str | os.PathLike) -> Path | None:
-        """``ImageSets/<split>.txt`` if the folder has it; else the ids of ``leftImg8bit/<split>/*/`` sorted,
-        generated once into ``<cache_dir>/cityscapes_<split>.txt`` and reused from there; None when the split
-        has no images."""
-        own = self.root / "ImageSets" / f"{split}.txt"
-        if own.is_file():
-            return own
-        cached = Path(cache_dir) / f"{self.name}_{split}.txt"
-        if cached.is_file():
-            return cached
-        images = (self.root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")
-        ids = sorted(p.name[: -len(IMAGE_SUFFIX)] for p in images)
-        if not ids:
-            return None
-        write_id_list(cached, ids)
-        return cached
+        """``ImageSets/<split>.txt`` if the folder has it; else the ids of ``leftImg8bit/<split>/*/`` sorted
+        (``DatasetInfo.own_or_scanned_list``); None when the split has no images."""
+
+        def scan() -> list[str]:
+            images = (self.root / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}")
+            return sorted(p.name[: -len(IMAGE_SUFFIX)] for p in images)
+
+        return self.own_or_scanned_list(split, cache_dir, scan)

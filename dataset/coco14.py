@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from dataset.base import DatasetInfo, write_id_list
+from dataset.base import DatasetInfo
 from misc.errors import UserError
 
 SPLIT_FOLDERS = ("train2014", "val2014")
@@ -87,23 +87,13 @@ class COCO14(DatasetInfo):
 
     def list_path(self, split: str, cache_dir: str | os.PathLike) -> Path | None:
         """``ImageSets/<split>.txt`` if the folder has it; else for train/val the stems of the split's masks
-        (else of its images), sorted, generated once into ``<cache_dir>/coco14_<split>.txt`` and reused from
-        there; None for other splits or when the split has no files.
-        """
-        own = self.root / "ImageSets" / f"{split}.txt"
-        if own.is_file():
-            return own
+        (else of its images), sorted (``DatasetInfo.own_or_scanned_list``); None for other splits."""
         if split not in ("train", "val"):
             return None
-        cached = Path(cache_dir) / f"{self.name}_{split}.txt"
-        if cached.is_file():
-            return cached
-        folder = f"{split}2014"
-        masks = self.root / "SegmentationClass" / folder
-        ids = sorted(p.stem for p in masks.glob("*.png"))
-        if not ids:
-            ids = sorted(p.stem for p in (self.root / folder).glob("*.jpg"))
-        if not ids:
-            return None
-        write_id_list(cached, ids)
-        return cached
+
+        def scan() -> list[str]:
+            folder = f"{split}2014"
+            ids = sorted(p.stem for p in (self.root / "SegmentationClass" / folder).glob("*.png"))
+            return ids or sorted(p.stem for p in (self.root / folder).glob("*.jpg"))
+
+        return self.own_or_scanned_list(split, cache_dir, scan)

@@ -13,8 +13,8 @@ from methods.base import CAMMethod
 from misc.optim import PolyOptimizer
 from misc.train import Stage
 from misc.weights import resolve_weights
-from net.backbone import build_backbone
 from net.cam import CAMNet
+from net.factory import build_backbone
 
 
 class PlainCAM(CAMMethod):

@@ -20,6 +20,7 @@ import dataset
 from dataset.base import read_id_list, read_image
 from methods.base import Refiner
 from misc import dist
+from misc.convert import load_weights
 from misc.errors import UserError
 from misc.imutils import hwc_to_chw, normalize
 from misc.indexing import PathIndex, affinity_labels, random_walk
@@ -33,8 +34,8 @@ from misc.pipeline import (
     require_files,
     weights_fingerprint,
 )
-from misc.weights import load_weights, resolve_weights
-from net.backbone import build_backbone
+from misc.weights import resolve_weights
+from net.factory import build_backbone
 from net.irn import IRN, edge_and_displacement, irn_loss
 
 

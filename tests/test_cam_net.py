@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from net.backbone import build_backbone
 from net.cam import CAMNet
+from net.factory import build_backbone
 
 
 @pytest.fixture(scope="module")

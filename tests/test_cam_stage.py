@@ -6,6 +6,7 @@ import torch
 
 import run_sample
 from bench.demo_runs import trivial_baselines
+from methods.cam import PlainCAM
 from misc.io import load_cam, save_cam
 from misc.labels import scores_to_label
 from misc.pipeline import prepare_output_dir
@@ -31,7 +32,7 @@ def test_multiscale_fusion_sums_flips_and_normalises():
     base[1, 0, 0] = 4.0  # class 1 fires at the top-left of the scale-1 map
     model = ConstantCAM({(h, w): base, (4, 6): torch.zeros(3, 1, 2)})
     pairs = [torch.zeros(2, 3, h, w), torch.zeros(2, 3, 4, 6)]
-    cam, high = multiscale_cam(model, pairs, (h, w), torch.tensor([1, 2]))
+    cam, high = multiscale_cam(PlainCAM(), model, pairs, (h, w), torch.tensor([1, 2]))
     assert cam.shape == (2, *strided_size(h, w)) and high.shape == (2, h, w)
     # Each class is divided by its own max: values lie in [0, 1) and the max is 1 - tiny.
     assert torch.allclose(cam.flatten(1).amax(1), torch.ones(2), atol=1e-4)
@@ -83,16 +84,17 @@ def test_make_cam_files_and_resume(tiny_run, monkeypatch):
 
 
 def test_changed_inputs_clear_stale_outputs(tmp_path):
-    out = prepare_output_dir(tmp_path / "cam", "fp-a", ".npz")
+    out = prepare_output_dir(tmp_path / "cam", "fp-a", "*.npz")
     save_cam(out / "x.npz", np.array([1]), np.ones((1, 2, 2)), np.ones((1, 5, 5)))
-    prepare_output_dir(tmp_path / "cam", "fp-a", ".npz")
+    prepare_output_dir(tmp_path / "cam", "fp-a", "*.npz")
     assert (out / "x.npz").is_file()
-    prepare_output_dir(tmp_path / "cam", "fp-b", ".npz")
+    prepare_output_dir(tmp_path / "cam", "fp-b", "*.npz")
     assert not (out / "x.npz").exists()
 
 
 def test_eval_cam_requires_cams(tmp_path):
-    args = run_sample.make_args(["--work_dir", str(tmp_path), "--eval_list", str(tmp_path / "ids.txt")])
+    flags = ["--work_dir", str(tmp_path), "--eval_list", str(tmp_path / "ids.txt")]
+    args = run_sample.round_args(run_sample.make_args(flags), "baseline")
     (tmp_path / "ids.txt").write_text("2100_000001\n")
     with pytest.raises(Exception, match="make_cam"):
         eval_cam.run(args)

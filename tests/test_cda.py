@@ -10,10 +10,12 @@ from PIL import Image
 
 from cda.bank import build_bank, load_bank_index, load_object, select_object
 from cda.composite import CompositeDataset, cap_size, make_composite, rotate_object
+from dataset.labels import load_cls_labels, save_cls_labels
+from dataset.samples import ClassificationDataset
+from dataset.voc12 import VOC12
 from misc.errors import UserError
 from misc.io import save_json, save_png
 from misc.pipeline import MANIFEST
-from voc12.dataset import ClassificationDataset, save_cls_labels
 
 
 def _disc(size, radius, value=1):
@@ -36,34 +38,37 @@ def _object(h, w, value, seed=0):
 def test_select_object_rules():
     mask = np.zeros((100, 100), np.uint8)
     mask[10:40, 20:70] = 8  # ratio 0.15 -> accepted, class 7, tight box
-    assert select_object(mask) == (7, (10, 20, 40, 70))
+    assert select_object(mask, 20) == (7, (10, 20, 40, 70))
     two = mask.copy()
     two[50:60, 50:60] = 15
-    assert select_object(two) is None  # two classes
+    assert select_object(two, 20) is None  # two classes
     void = mask.copy()
     void[0, 0] = 255
-    assert select_object(void) is None  # a third value (void)
+    assert select_object(void, 20) is None  # a third value (void)
     small = np.zeros((100, 100), np.uint8)
     small[:5, :] = 3  # ratio 0.05
-    assert select_object(small) is None
+    assert select_object(small, 20) is None
     large = np.zeros((100, 100), np.uint8)
     large[:75, :] = 3  # ratio 0.75
-    assert select_object(large) is None
-    assert select_object(np.zeros((10, 10), np.uint8)) is None
-    assert select_object(np.full((10, 10), 3, np.uint8)) is None  # no background value
+    assert select_object(large, 20) is None
+    assert select_object(np.zeros((10, 10), np.uint8), 20) is None
+    assert select_object(np.full((10, 10), 3, np.uint8), 20) is None  # no background value
+    coco = np.zeros((10, 10), np.uint8)
+    coco[:4] = 78  # teddy bear, a COCO class: kept with 80 classes, no VOC class
+    assert select_object(coco, 80) == (77, (0, 0, 4, 10)) and select_object(coco, 20) is None
     single = np.zeros((100, 100), np.uint8)
     single[30:90, 40:90] = 1  # ratio 0.3
-    assert select_object(single) == (0, (30, 40, 90, 90))
+    assert select_object(single, 20) == (0, (30, 40, 90, 90))
 
 
 def test_select_object_boundaries_and_blobs():
     edge = np.zeros((10, 10), np.uint8)
     edge[:1, :] = 20  # ratio exactly 0.1: bounds are inclusive
-    assert select_object(edge) == (19, (0, 0, 1, 10))
+    assert select_object(edge, 20) == (19, (0, 0, 1, 10))
     blobs = np.zeros((100, 100), np.uint8)
     blobs[5:20, 10:30] = 12
     blobs[60:95, 70:98] = 12
-    assert select_object(blobs) == (11, (5, 10, 95, 98))  # one box around all blobs of the class
+    assert select_object(blobs, 20) == (11, (5, 10, 95, 98))  # one box around all blobs of the class
 
 
 # --- composite ----------------------------------------------------------------------------------------
@@ -201,10 +206,10 @@ def test_bank_round_trip_and_resume(voc):
     tmp, root, masks, ids = voc
     bank_dir = tmp / "bank"
     with pytest.raises(UserError, match="run make_aug_fg first"):
-        load_bank_index(bank_dir)
-    counts = build_bank(root, ids, masks, bank_dir, progress=False)
+        load_bank_index(bank_dir, VOC12(root))
+    counts = build_bank(VOC12(root), ids, masks, bank_dir, progress=False)
     assert counts[7] == 1 and counts[14] == 1 and sum(counts.values()) == 2
-    bank = load_bank_index(bank_dir)
+    bank = load_bank_index(bank_dir, VOC12(root))
     assert [p.name for p in bank[7]] == ["a.npz"] and bank[7][0].parent.name == "cat"
     assert [p.name for p in bank[14]] == ["c.npz"] and bank[0] == []
     img, seg = load_object(bank[7][0])
@@ -212,20 +217,19 @@ def test_bank_round_trip_and_resume(voc):
     assert img.dtype == np.uint8 and seg.dtype == np.uint8 and set(np.unique(seg)) == {8}
     np.testing.assert_array_equal(img, full[4:22, 6:58])  # the tight box of the mask
     mtime = os.stat(bank[7][0]).st_mtime_ns
-    assert build_bank(root, ids, masks, bank_dir, progress=False) == counts
+    assert build_bank(VOC12(root), ids, masks, bank_dir, progress=False) == counts
     assert os.stat(bank[7][0]).st_mtime_ns == mtime  # resumed: existing objects are not rewritten
     bank[14][0].unlink()
     with pytest.raises(UserError, match="stale"):
-        load_bank_index(bank_dir)
+        load_bank_index(bank_dir, VOC12(root))
 
 
 def test_composite_dataset(voc):
     tmp, root, masks, ids = voc
-    build_bank(root, ids, masks, tmp / "bank", progress=False)
-    from voc12.dataset import load_cls_labels
-
-    base = ClassificationDataset(root, ids, load_cls_labels(tmp / "cls_labels.tsv"), resize_long=(40, 56), crop_size=32)
-    ds = CompositeDataset(base, load_bank_index(tmp / "bank"), seed=3)
+    build_bank(VOC12(root), ids, masks, tmp / "bank", progress=False)
+    labels = load_cls_labels(tmp / "cls_labels.tsv", 20)
+    base = ClassificationDataset(VOC12(root), ids, labels, resize_long=(40, 56), crop_size=32)
+    ds = CompositeDataset(base, load_bank_index(tmp / "bank", VOC12(root)), seed=3)
     item = ds[0]  # "a" holds a cat, so a person is pasted
     assert set(item) == {"name", "img", "label", "img_aug", "label_aug"}
     assert item["img"].shape == item["img_aug"].shape == (3, 32, 32)
@@ -239,7 +243,7 @@ def test_composite_dataset(voc):
 
 def _step_args(tmp, root, masks):
     return argparse.Namespace(
-        voc12_root=str(root), train_list=str(tmp / "train.txt"), sem_seg_out_dir=str(masks),
+        dataset="voc12", data_root=str(root), train_list=str(tmp / "train.txt"), bank_masks_dir=str(masks),
         cda_bank_dir=str(tmp / "bank"), cls_labels=str(tmp / "cls_labels.tsv"), seed=0, cda_min_ratio=0.1,
         cda_max_ratio=0.7, cda_max_size=0.7, cda_max_angle=90, cda_mask_order=0,
     )  # fmt: skip
@@ -251,7 +255,7 @@ def test_make_aug_fg_step(voc):
     tmp, root, masks, _ = voc
     args = _step_args(tmp, root, masks)
     make_aug_fg.run(args)
-    bank = load_bank_index(args.cda_bank_dir)
+    bank = load_bank_index(args.cda_bank_dir, VOC12(root))
     assert sum(len(v) for v in bank.values()) == 2
     with Image.open(tmp / "bank" / "composites.png") as grid:
         assert grid.size == (4 * 256, 3 * (256 + 30)) and grid.mode == "RGB"
@@ -259,10 +263,10 @@ def test_make_aug_fg_step(voc):
     # other ratio bounds -> the stale bank is rebuilt from scratch
     args.cda_min_ratio = 0.4
     make_aug_fg.run(args)
-    assert sum(len(v) for v in load_bank_index(args.cda_bank_dir).values()) == 0
+    assert sum(len(v) for v in load_bank_index(args.cda_bank_dir, VOC12(root)).values()) == 0
     assert not list((tmp / "bank").glob("*/*.npz"))
     (masks / "c.png").unlink()
-    with pytest.raises(UserError, match="1 of 4 training images are missing"):
+    with pytest.raises(UserError, match="1 of 4 outputs of make_sem_seg_labels are missing"):
         make_aug_fg.run(args)
 
 

@@ -106,7 +106,7 @@ def test_coco_demo_deterministic_idempotent_and_refuses_foreign(coco_demo: Path,
     assert not (real / "train2014").exists()
 
 
-def test_coco_list_path_generated_once_and_reused(tmp_path: Path) -> None:
+def test_coco_list_path_follows_the_folder(tmp_path: Path) -> None:
     root, cache = tmp_path / "coco", tmp_path / "cache"
     info = COCO14(root)
     for i in (3, 1, 2):
@@ -115,12 +115,14 @@ def test_coco_list_path_generated_once_and_reused(tmp_path: Path) -> None:
     _touch(root / "val2014" / "COCO_val2014_000000000007.jpg")  # no val masks: the images are listed
 
     path = info.list_path("train", cache)
-    assert path == cache / "coco14_train.txt"
+    assert path == cache / "coco14" / "train.txt"
     assert read_id_list(path) == [f"COCO_train2014_{i:012d}" for i in (1, 2, 3)]
     assert read_id_list(info.list_path("val", cache)) == ["COCO_val2014_000000000007"]
-    # Reused as written, not rescanned.
+    # Rescanned on every call: a mask added since is listed, an unchanged list is not rewritten.
+    mtime = path.stat().st_mtime_ns
+    assert info.list_path("train", cache) == path and path.stat().st_mtime_ns == mtime
     _touch(root / "SegmentationClass" / "train2014" / "COCO_train2014_000000000005.png")
-    assert len(read_id_list(info.list_path("train", cache))) == 3
+    assert len(read_id_list(info.list_path("train", cache))) == 4
     # The folder's own list wins; test has none.
     own = _touch(root / "ImageSets" / "train.txt", b"COCO_train2014_000000000002\n")
     assert info.list_path("train", cache) == own
@@ -232,11 +234,11 @@ def test_cityscapes_lists_and_labels(city_root: Path, tmp_path: Path) -> None:
     info = Cityscapes(city_root)
     cache = tmp_path / "cache"
     train = info.list_path("train", cache)
-    assert train == cache / "cityscapes_train.txt" and read_id_list(train) == list(CITY_TRAIN)
+    assert train == cache / "cityscapes" / "train.txt" and read_id_list(train) == list(CITY_TRAIN)
     assert read_id_list(info.list_path("val", cache)) == [CITY_VAL]
     assert info.list_path("test", cache) is None
     _touch(city_root / "leftImg8bit/train/bonn/bonn_000000_000001_leftImg8bit.png")
-    assert read_id_list(info.list_path("train", cache)) == list(CITY_TRAIN)  # reused, not rescanned
+    assert read_id_list(info.list_path("train", cache)) == sorted([*CITY_TRAIN, "bonn_000000_000001"])
     own = _touch(city_root / "ImageSets" / "train.txt", b"aachen_000000_000019\n")
     assert info.list_path("train", cache) == own
 

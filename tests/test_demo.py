@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from dataset.base import read_id_list, read_image
+from dataset.samples import ClassificationDataset
+from dataset.voc12 import VOC12
 from misc.errors import UserError
 from misc.io import load_png
 from voc12 import demo
-from voc12.cls_labels import labels_from_mask, labels_from_xml
-from voc12.dataset import CLASS_NAMES, ClassificationDataset, VOCLayout, read_id_list, read_image
 
 SMALL = {"n_train_aug": 48, "n_train": 16, "n_val": 16}
 
@@ -27,7 +28,7 @@ def _all_files(root: Path) -> dict[str, bytes]:
 
 
 def _ids(root: Path) -> list[str]:
-    layout = VOCLayout(root)
+    layout = VOC12(root)
     return read_id_list(layout.split_list("train_aug")) + read_id_list(layout.split_list("val"))
 
 
@@ -42,7 +43,7 @@ def test_deterministic(demo_root: Path, tmp_path: Path) -> None:
 
 def test_noop_when_complete_and_regenerated_otherwise(tmp_path: Path) -> None:
     root = demo.make_demo_dataset(tmp_path / "d", seed=0, n_train_aug=8, n_train=4, n_val=4)
-    jpg = VOCLayout(root).image("2100_000001")
+    jpg = VOC12(root).image("2100_000001")
     stamp = jpg.stat().st_mtime_ns
     demo.make_demo_dataset(root, seed=0, n_train_aug=8, n_train=4, n_val=4)
     assert jpg.stat().st_mtime_ns == stamp
@@ -53,12 +54,12 @@ def test_noop_when_complete_and_regenerated_otherwise(tmp_path: Path) -> None:
     demo.make_demo_dataset(root, seed=0, n_train_aug=8, n_train=4, n_val=4)
     assert jpg.is_file()
     demo.make_demo_dataset(root, seed=0, n_train_aug=8, n_train=4, n_val=5)
-    assert len(read_id_list(VOCLayout(root).split_list("val"))) == 5
+    assert len(read_id_list(VOC12(root).split_list("val"))) == 5
     assert json.loads((root / demo.MANIFEST).read_text())["n_val"] == 5
 
 
 def test_layout_and_lists(demo_root: Path) -> None:
-    layout = VOCLayout(demo_root).check()
+    layout = VOC12(demo_root).check()
     train_aug = read_id_list(layout.split_list("train_aug"))
     train = read_id_list(layout.split_list("train"))
     val = read_id_list(layout.split_list("val"))
@@ -75,11 +76,11 @@ def test_layout_and_lists(demo_root: Path) -> None:
 
 
 def test_masks_match_annotations(demo_root: Path) -> None:
-    layout = VOCLayout(demo_root)
-    demo_classes = {CLASS_NAMES.index(c) for c in demo.DEMO_CLASSES}
+    layout = VOC12(demo_root)
+    demo_classes = {VOC12.class_names.index(c) for c in demo.DEMO_CLASSES}
     for name in _ids(demo_root):
-        from_xml = labels_from_xml(layout.annotation(name))
-        np.testing.assert_array_equal(from_xml, labels_from_mask(layout.seg_class(name)), err_msg=name)
+        from_xml = layout.derive_labels(layout.annotation(name))
+        np.testing.assert_array_equal(from_xml, layout.derive_labels(layout.seg_class(name)), err_msg=name)
         classes = set(np.flatnonzero(from_xml).tolist())
         assert 1 <= len(classes) <= 2 and classes <= demo_classes
         cls_map, inst = load_png(layout.seg_class(name)), load_png(layout.seg_object(name))
@@ -96,7 +97,7 @@ def test_masks_match_annotations(demo_root: Path) -> None:
 
 
 def test_void_band_separates_objects_from_background(demo_root: Path) -> None:
-    layout = VOCLayout(demo_root)
+    layout = VOC12(demo_root)
     near_counts = []
     for name in _ids(demo_root)[:12]:
         cls_map = load_png(layout.seg_class(name))
@@ -141,11 +142,11 @@ def test_context_bias_statistic(demo_root: Path) -> None:
 
 def test_errors(demo_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
-        ClassificationDataset(tmp_path / "missing", ["2100_000001"], {})
+        ClassificationDataset(VOC12(tmp_path / "missing"), ["2100_000001"], {})
     # A corrupt JPEG is named in the error.
     root = demo.make_demo_dataset(tmp_path / "d", seed=0, n_train_aug=4, n_train=2, n_val=2)
-    VOCLayout(root).image("2100_000002").write_bytes(b"\xff\xd8\xff garbage")
-    ds = ClassificationDataset(root, ["2100_000002"], {"2100_000002": np.zeros(20, np.float32)}, crop_size=64)
+    VOC12(root).image("2100_000002").write_bytes(b"\xff\xd8\xff garbage")
+    ds = ClassificationDataset(VOC12(root), ["2100_000002"], {"2100_000002": np.zeros(20, np.float32)}, crop_size=64)
     with pytest.raises(UserError, match="2100_000002.jpg is unreadable"):
         ds[0]
     # Never write into a real dataset.

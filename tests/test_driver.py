@@ -5,6 +5,7 @@ import json
 import pytest
 
 import run_sample
+from misc.errors import UserError
 
 
 def test_bool_flags_mean_what_they_say():
@@ -22,21 +23,52 @@ def test_bad_bool_is_rejected(capsys):
 
 def test_preset_fills_only_unset_flags(tmp_path):
     demo = run_sample.make_args(["--work_dir", str(tmp_path)])
-    assert demo.preset == "demo" and demo.backbone == "efficientnet_lite0"
-    assert demo.voc12_root == str(tmp_path / "demo_voc12")
-    assert demo.train_list.endswith("demo_voc12/ImageSets/Segmentation/train_aug.txt")
-    voc = run_sample.make_args(["--voc12_root", str(tmp_path), "--cam_batch_size", "4"])
+    assert demo.preset == "demo" and demo.backbone == "efficientnet_lite0" and demo.dataset == "voc12"
+    assert demo.data_root == str(tmp_path / "demo_voc12")
+    assert demo.train_list is None  # resolved once the demo is generated
+    voc = run_sample.make_args(["--voc12_root", str(tmp_path / "VOC2012"), "--cam_batch_size", "4"])
     assert voc.preset == "voc" and voc.backbone == "resnet50" and voc.cam_crop_size == 512
-    assert voc.cam_batch_size == 4
-    assert voc.train_list.endswith("voc12/data/train_aug.txt")
+    assert voc.cam_batch_size == 4 and voc.dataset == "voc12" and voc.data_root == str(tmp_path / "VOC2012")
+
+
+def _voc_folder(root, lists):
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split, ids in lists.items():
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+
+
+def test_a_voc_layout_folder_runs_on_its_own_lists(tmp_path):
+    # Not VOC itself: the shipped train_aug (VOC's ids) does not fit it, so its own train list trains too.
+    _voc_folder(tmp_path / "photos", {"train": ["x1", "x2"], "val": ["y1"]})
+    args = run_sample.make_args(["--voc12_root", str(tmp_path / "photos"), "--work_dir", str(tmp_path / "w")])
+    own = tmp_path / "photos" / "ImageSets" / "Segmentation"
+    assert (args.train_list, args.val_list, args.eval_list) == (str(own / "train.txt"), str(own / "val.txt"),
+                                                                 str(own / "train.txt"))
+    assert args.test_list.endswith("voc12/data/test.txt") and args.deeplab_train_list == args.train_list
+    _voc_folder(tmp_path / "bare", {})
+    with pytest.raises(UserError, match="--val_list"):
+        run_sample.make_args(["--voc12_root", str(tmp_path / "bare"), "--train_list", str(own / "train.txt")])
 
 
 def test_round_paths_are_separate(tmp_path):
     args = run_sample.make_args(["--work_dir", str(tmp_path)])
-    cda = run_sample._round_paths(args, "cda")
-    assert args.variant == "baseline" and cda.variant == "cda"
-    assert args.cam_out_dir != cda.cam_out_dir and cda.cam_aug and not args.cam_aug
-    assert args.cda_bank_dir == cda.cda_bank_dir
+    base, cda = run_sample.round_args(args, "baseline"), run_sample.round_args(args, "cda")
+    assert base.variant == "baseline" and cda.variant == "cda" and not hasattr(args, "variant")
+    assert base.cam_out_dir != cda.cam_out_dir and cda.cam_aug and not base.cam_aug
+    assert base.cda_bank_dir == cda.cda_bank_dir and cda.bank_masks_dir == base.sem_seg_out_dir
+    # The baseline round makes masks for CDA's bank (every training image), the last round for DeepLab.
+    assert base.infer_list == args.train_list and cda.infer_list == args.deeplab_train_list
+
+
+def test_a_dataset_without_background_trains_the_segmenter_on_its_masks(tmp_path, capsys):
+    (tmp_path / "cs" / "leftImg8bit").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        run_sample.make_args(["--dataset", "cityscapes", "--data_root", str(tmp_path / "cs")])
+    assert "--deeplab_gt true" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_sample.make_args(["--dataset", "cityscapes"])
+    assert "no demo dataset for cityscapes" in capsys.readouterr().err
 
 
 def test_given_weights_skip_training_and_contradiction_is_an_error(capsys):
@@ -61,7 +93,7 @@ def test_summary_table_shows_latest_rows(tmp_path):
 
 
 def test_eval_released_uses_registry_weights_and_skips_training(tmp_path, capsys):
-    args = run_sample.make_args(["--voc12_root", str(tmp_path), "--eval_released", "true"])
+    args = run_sample.make_args(["--voc12_root", str(tmp_path / "VOC2012"), "--eval_released", "true"])
     assert args.cam_weights == "cda_irnet_resnet50_cam" and args.irn_weights == "cda_irnet_resnet50_irn"
     assert not (args.train_cam_pass or args.train_irn_pass or args.cda or args.train_deeplab_pass)
     with pytest.raises(SystemExit):

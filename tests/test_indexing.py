@@ -93,7 +93,8 @@ def test_affinity_labels_hand_counted() -> None:
 
 def test_affinity_labels_classes_and_ignore() -> None:
     rng = np.random.default_rng(0)
-    label = rng.choice(np.array([0, 3, 7, 255], np.uint8), size=(10, 12))
+    # 78: a COCO class (teddy bear); a pair of it must count like any other class's (once only < 21 did).
+    label = rng.choice(np.array([0, 3, 78, 255], np.uint8), size=(10, 12))
     pi = PathIndex(4, (10, 12))
     bg, fg, neg = affinity_labels(torch.from_numpy(label), pi)
     flat = label.reshape(-1)
@@ -104,6 +105,7 @@ def test_affinity_labels_classes_and_ignore() -> None:
             assert bg[k, j] == (valid and a == b == 0)
             assert fg[k, j] == (valid and a == b and a > 0)
             assert neg[k, j] == (valid and a != b)
+    assert fg[:, label.reshape(-1)[pi.src_indices().numpy()] == 78].sum() > 0
 
 
 @pytest.mark.parametrize(("h", "w", "exp_times"), [(7, 9, 8), (12, 10, 8), (12, 10, 3), (2, 3, 8), (1, 1, 2)])

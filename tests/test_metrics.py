@@ -63,7 +63,7 @@ def _square(y0, x0, size=4, shape=(10, 10)):
 
 def _ap(preds, labels, scores, gts, gt_labels, **kw):
     return instance_ap(
-        [np.array(preds)], [np.array(labels)], [np.array(scores)], [np.array(gts)], [np.array(gt_labels)], **kw
+        [np.array(preds)], [np.array(labels)], [np.array(scores)], [np.array(gts)], [np.array(gt_labels)], 20, **kw
     )
 
 
@@ -102,13 +102,14 @@ def test_instance_ap_iou_threshold_and_void():
     big = _square(0, 0, size=6)
     void = big & ~gt
     assert _ap([big], [0], [1.0], [gt], [0])[0][0] == 0
-    ap, _ = instance_ap([big[None]], [[0]], [[1.0]], [gt[None]], [[0]], gt_void=[void])
+    ap, _ = instance_ap([big[None]], [[0]], [[1.0]], [gt[None]], [[0]], 20, gt_void=[void])
     assert ap[0] == 1
 
 
 def test_instance_ap_images_without_predictions():
     a = _square(0, 0)
-    ap, m = instance_ap([a[None], np.zeros((0, 10, 10), bool)], [[0], []], [[0.9], []], [a[None], a[None]], [[0], [0]])
+    ap, m = instance_ap([a[None], np.zeros((0, 10, 10), bool)], [[0], []], [[0.9], []], [a[None], a[None]], [[0], [0]],
+                        20)
     assert ap[0] == pytest.approx(0.5) and m == pytest.approx(0.5)
 
 
@@ -121,4 +122,4 @@ def test_instances_from_voc():
     np.testing.assert_array_equal(masks[1], obj == 2)
     empty, none = instances_from_voc(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.uint8))
     assert empty.shape == (0, 2, 2) and none.size == 0
-    assert math.isnan(instance_ap([empty], [[]], [[]], [empty], [none])[1])
+    assert math.isnan(instance_ap([empty], [[]], [[]], [empty], [none], 20)[1])

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import run_sample
+from dataset.base import read_id_list
 from misc.instances import rle_to_mask
 from misc.io import load_png
-from misc.thresholds import apply_calibration, calibrated
+from misc.thresholds import calibrated
 from step import make_sem_seg_labels
 from step.eval_ins_seg import load_detections
-from voc12.dataset import read_id_list
 
 
 def _ids(tiny_run, split):
@@ -56,7 +56,6 @@ def test_deeplab_learns_from_masks_with_uncertain_background_ignored(tiny_run):
 
 def test_a_missing_ignore_mask_alone_is_remade(tiny_run):
     args = tiny_run.args("cda")
-    apply_calibration(args)
     args.infer_list = str(tiny_run.work_dir / "demo_voc12" / "ImageSets" / "Segmentation" / "train_aug.txt")
     gone, kept = _ids(tiny_run, "train_aug")[:2]
     folder = Path(args.sem_seg_ignore_dir)

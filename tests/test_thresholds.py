@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import run_sample
+from dataset.voc12 import VOC12
+from methods.irn import propagate
 from misc.errors import UserError
 from misc.indexing import random_walk_dense
 from misc.pipeline import require_gt
-from misc.thresholds import REFERENCE, apply_calibration, calibrated, save_calibration
-from step.make_sem_seg_labels import propagate
+from misc.thresholds import REFERENCE, calibrated, save_calibration, thresholds
 
 
 def test_reference_best_threshold_gives_back_the_reference_values():
@@ -40,19 +41,20 @@ def test_calibrated_thresholds_keep_their_order(best):
 
 
 def _round(tmp_path, *flags: str) -> argparse.Namespace:
-    return run_sample._round_paths(run_sample.make_args(["--work_dir", str(tmp_path), *flags]), "baseline")
+    return run_sample.round_args(run_sample.make_args(["--work_dir", str(tmp_path), *flags]), "baseline")
 
 
 def test_driver_applies_calibration_but_keeps_explicit_flags(tmp_path):
     args = _round(tmp_path, "--conf_bg_thres", "0.2")
     assert args.calibrate_thresholds and args.conf_fg_thres is None and args.conf_bg_thres == 0.2
     with pytest.raises(UserError, match="calibration.json is missing"):
-        apply_calibration(args)
+        thresholds(args)
     save_calibration(args, 0.55, "train")
     saved = json.loads((tmp_path / "baseline" / "calibration.json").read_text())
     assert saved["best_cam_threshold"] == 0.55 and saved["rw_normalize"] is True
-    apply_calibration(args)
-    assert (args.conf_fg_thres, args.conf_bg_thres, args.sem_seg_bg_thres) == (0.75, 0.2, 0.55)
+    values = thresholds(args)
+    assert (values["conf_fg_thres"], values["conf_bg_thres"], values["sem_seg_bg_thres"]) == (0.75, 0.2, 0.55)
+    assert args.conf_fg_thres is None  # the args are read, never changed
 
 
 def test_voc_preset_keeps_the_reference():
@@ -91,4 +93,4 @@ def test_normalised_walk_keeps_cam_units_where_the_reference_rescales():
 def test_missing_ground_truth_names_the_calibration_switch(tmp_path):
     (tmp_path / "SegmentationClass").mkdir()
     with pytest.raises(UserError, match=r"2 of 2 .*--calibrate_thresholds false"):
-        require_gt(tmp_path, ["a", "b"])
+        require_gt(VOC12(tmp_path), ["a", "b"])

@@ -1,4 +1,4 @@
-"""VOC layout, id lists, image-level labels, image reading and the torch datasets."""
+"""The VOC description (layout, lists, labels), id lists, image reading and the torch datasets."""
 
 import argparse
 import os
@@ -9,25 +9,28 @@ import pytest
 import torch
 from PIL import Image
 
+from dataset.base import read_id_list, read_image, voc_palette
+from dataset.labels import load_cls_labels, resolve_labels, save_cls_labels
+from dataset.samples import ClassificationDataset, ImageDataset, SegmentationDataset, single_collate
+from dataset.voc12 import SHIPPED_DIR, VOC12
 from misc import imutils
 from misc.errors import UserError
 from misc.io import save_png
 from step import make_cls_labels
-from voc12 import cls_labels
-from voc12.dataset import (
-    CLASS_NAMES,
-    PALETTE,
-    SHIPPED_DIR,
-    ClassificationDataset,
-    ImageDataset,
-    SegmentationDataset,
-    VOCLayout,
-    load_cls_labels,
-    read_id_list,
-    read_image,
-    save_cls_labels,
-    single_collate,
-)
+
+PALETTE = voc_palette()
+CLASS_NAMES = VOC12.class_names
+
+
+class _VOC(VOC12):
+    """VOC with the test's own shipped labels (None: none shipped)."""
+
+    def __init__(self, root: Path, shipped: Path | None) -> None:
+        super().__init__(root)
+        self.shipped = shipped
+
+    def shipped_labels(self) -> Path | None:
+        return self.shipped
 
 XML = """<annotation>
   <filename>{name}.jpg</filename>
@@ -56,7 +59,7 @@ def _block_image(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 def voc_root(tmp_path: Path) -> Path:
     """A tiny VOC root: a.jpg (XML), b.jpg (SegmentationClass only), c.jpg (SegmentationClassAug only)."""
     root = tmp_path / "VOC2012"
-    layout = VOCLayout(root)
+    layout = VOC12(root)
     for d in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationClassAug"):
         (root / d).mkdir(parents=True)
     for name, (h, w) in {"a": (40, 60), "b": (30, 20), "c": (50, 50)}.items():
@@ -99,7 +102,7 @@ def test_cls_labels_tsv_round_trip(tmp_path: Path) -> None:
     labels["b"] = np.eye(20, dtype=np.float32)[19]
     save_cls_labels(tmp_path / "l.tsv", labels)
     assert (tmp_path / "l.tsv").read_text() == "2007_000032\t1 15\nb\t20\nx\t\n"
-    back = load_cls_labels(tmp_path / "l.tsv")
+    back = load_cls_labels(tmp_path / "l.tsv", 20)
     assert back.keys() == labels.keys()
     for k, v in labels.items():
         assert back[k].dtype == np.float32 and back[k].shape == (20,)
@@ -107,7 +110,7 @@ def test_cls_labels_tsv_round_trip(tmp_path: Path) -> None:
 
 
 def test_shipped_labels() -> None:
-    labels = load_cls_labels(SHIPPED_DIR / "cls_labels.tsv")
+    labels = load_cls_labels(SHIPPED_DIR / "cls_labels.tsv", 20)
     assert len(labels) == 12031
     assert np.flatnonzero(labels["2007_000032"]).tolist() == [0, 14]  # aeroplane, person
 
@@ -115,12 +118,12 @@ def test_shipped_labels() -> None:
 def test_load_cls_labels_errors(tmp_path: Path) -> None:
     (tmp_path / "bad.tsv").write_text("a\t1 x\n")
     with pytest.raises(UserError, match="bad.tsv:1"):
-        load_cls_labels(tmp_path / "bad.tsv")
+        load_cls_labels(tmp_path / "bad.tsv", 20)
     (tmp_path / "range.tsv").write_text("a\t21\n")
     with pytest.raises(UserError, match="1..20"):
-        load_cls_labels(tmp_path / "range.tsv")
+        load_cls_labels(tmp_path / "range.tsv", 20)
     with pytest.raises(UserError, match="make_cls_labels"):
-        load_cls_labels(tmp_path / "none.tsv")
+        load_cls_labels(tmp_path / "none.tsv", 20)
 
 
 # ---------------------------------------------------------------------------------------------------- derived labels
@@ -129,20 +132,20 @@ def test_load_cls_labels_errors(tmp_path: Path) -> None:
 def test_labels_from_xml(tmp_path: Path) -> None:
     p = tmp_path / "a.xml"
     p.write_text(_xml(["dog", "person", "dog", "head", "unknown"]))
-    assert np.flatnonzero(cls_labels.labels_from_xml(p)).tolist() == [11, 14]
+    assert np.flatnonzero(VOC12(tmp_path).derive_labels(p)).tolist() == [11, 14]
     p.write_text("<annotation><object><name>dog</name></annotation>")
     with pytest.raises(UserError, match="a.xml"):
-        cls_labels.labels_from_xml(p)
+        VOC12(tmp_path).derive_labels(p)
 
 
 def test_labels_from_mask(tmp_path: Path) -> None:
     mask = np.array([[0, 3, 15], [255, 255, 0]], np.uint8)
     save_png(tmp_path / "m.png", mask, PALETTE)
-    y = cls_labels.labels_from_mask(tmp_path / "m.png")
+    y = VOC12(tmp_path).derive_labels(tmp_path / "m.png")
     assert y.dtype == np.float32 and np.flatnonzero(y).tolist() == [2, 14]
     save_png(tmp_path / "bad.png", np.array([[0, 40]], np.uint8))
     with pytest.raises(UserError, match="bad.png"):
-        cls_labels.labels_from_mask(tmp_path / "bad.png")
+        VOC12(tmp_path).derive_labels(tmp_path / "bad.png")
 
 
 def test_resolve_labels_derives_and_caches(voc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,33 +153,33 @@ def test_resolve_labels_derives_and_caches(voc_root: Path, tmp_path: Path, monke
     shipped.write_text("2007_000032\t1 15\n")
     cache = tmp_path / "out" / "cls_labels.tsv"
     ids = ["2007_000032", "a", "b", "c", "a"]
-    labels = cls_labels.resolve_labels(voc_root, ids, shipped, cache)
+    labels = resolve_labels(_VOC(voc_root, shipped), ids, cache)
     assert list(labels) == ["2007_000032", "a", "b", "c"]
     classes = {k: np.flatnonzero(v).tolist() for k, v in labels.items()}
     assert classes == {"2007_000032": [0, 14], "a": [7, 14], "b": [14], "c": [2, 17]}
-    assert load_cls_labels(cache).keys() == labels.keys()
+    assert load_cls_labels(cache, 20).keys() == labels.keys()
 
     # Second run: nothing is derived again.
-    def fail(path: Path) -> np.ndarray:
+    def fail(self: VOC12, path: Path) -> np.ndarray:
         raise AssertionError(f"re-derived {path}")
 
-    monkeypatch.setattr(cls_labels, "derive_labels", fail)
-    again = cls_labels.resolve_labels(voc_root, ids, shipped, cache)
+    monkeypatch.setattr(VOC12, "derive_labels", fail)
+    again = resolve_labels(_VOC(voc_root, shipped), ids, cache)
     assert {k: np.flatnonzero(v).tolist() for k, v in again.items()} == classes
     monkeypatch.undo()
 
     # A changed source (same id, new content) is derived again instead of reusing the stale cache.
-    xml = VOCLayout(voc_root).annotation("a")
+    xml = VOC12(voc_root).annotation("a")
     xml.write_text(_xml(["dog"]))
     os.utime(xml, ns=(1, 1))
-    changed = cls_labels.resolve_labels(voc_root, ids, shipped, cache)
+    changed = resolve_labels(_VOC(voc_root, shipped), ids, cache)
     assert np.flatnonzero(changed["a"]).tolist() == [11]
-    assert np.flatnonzero(load_cls_labels(cache)["a"]).tolist() == [11]
+    assert np.flatnonzero(load_cls_labels(cache, 20)["a"]).tolist() == [11]
 
 
 def test_resolve_labels_unlabelled_id(voc_root: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no image-level label for zz"):
-        cls_labels.resolve_labels(voc_root, ["a", "zz"], None, tmp_path / "c.tsv")
+        resolve_labels(_VOC(voc_root, None), ["a", "zz"], tmp_path / "c.tsv")
 
 
 def test_make_cls_labels_step(voc_root: Path, tmp_path: Path) -> None:
@@ -185,7 +188,8 @@ def test_make_cls_labels_step(voc_root: Path, tmp_path: Path) -> None:
         lists[split] = tmp_path / f"{split}.txt"
         lists[split].write_text("\n".join(ids) + "\n")
     args = argparse.Namespace(
-        voc12_root=str(voc_root),
+        dataset="voc12",
+        data_root=str(voc_root),
         train_list=str(lists["train"]),
         val_list=str(lists["val"]),
         infer_list=str(lists["infer"]),
@@ -201,12 +205,12 @@ def test_make_cls_labels_step(voc_root: Path, tmp_path: Path) -> None:
 
 def test_layout_check(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist.*--voc12_root"):
-        VOCLayout(tmp_path / "missing").check()
+        VOC12(tmp_path / "missing").check()
     (tmp_path / "notvoc").mkdir()
     with pytest.raises(UserError, match="does not look like VOC2012: expected JPEGImages/"):
-        VOCLayout(tmp_path / "notvoc").check()
+        VOC12(tmp_path / "notvoc").check()
     with pytest.raises(UserError):
-        ClassificationDataset(tmp_path / "notvoc", [], {})
+        ClassificationDataset(VOC12(tmp_path / "notvoc"), [], {})
 
 
 def test_read_image_modes_and_errors(tmp_path: Path) -> None:
@@ -237,7 +241,7 @@ def _labels() -> dict[str, np.ndarray]:
 
 
 def test_classification_dataset_train(voc_root: Path) -> None:
-    ds = ClassificationDataset(voc_root, ["a", "b", "c"], _labels(), resize_long=(20, 30), crop_size=32)
+    ds = ClassificationDataset(VOC12(voc_root), ["a", "b", "c"], _labels(), resize_long=(20, 30), crop_size=32)
     item = ds[0]
     assert item["name"] == "a" and item["img"].shape == (3, 32, 32) and item["img"].dtype == torch.float32
     assert item["label"].dtype == torch.float32 and item["label"][0] == 1
@@ -257,20 +261,20 @@ def test_classification_dataset_train(voc_root: Path) -> None:
 
 
 def test_classification_dataset_val_transform(voc_root: Path) -> None:
-    ds = ClassificationDataset(voc_root, ["a"], _labels(), crop_size=64, augment=False)
+    ds = ClassificationDataset(VOC12(voc_root), ["a"], _labels(), crop_size=64, augment=False)
     img = ds[0]["img"].numpy()
-    raw = read_image(VOCLayout(voc_root).image("a"))
+    raw = read_image(VOC12(voc_root).image("a"))
     np.testing.assert_allclose(img[:, :40, :60], imutils.hwc_to_chw(imutils.normalize(raw)), rtol=1e-6)
     assert not img[:, 40:].any() and not img[:, :, 60:].any()
 
 
 def test_classification_dataset_missing_label(voc_root: Path) -> None:
     with pytest.raises(UserError, match="make_cls_labels"):
-        ClassificationDataset(voc_root, ["a", "b"], {"a": np.zeros(20, np.float32)})
+        ClassificationDataset(VOC12(voc_root), ["a", "b"], {"a": np.zeros(20, np.float32)})
 
 
 def test_loader_workers_do_not_change_samples(voc_root: Path) -> None:
-    ds = ClassificationDataset(voc_root, ["a", "b", "c"] * 2, _labels(), resize_long=(20, 40), crop_size=24)
+    ds = ClassificationDataset(VOC12(voc_root), ["a", "b", "c"] * 2, _labels(), resize_long=(20, 40), crop_size=24)
 
     def run(workers: int) -> torch.Tensor:
         ds.set_epoch(3)
@@ -281,18 +285,19 @@ def test_loader_workers_do_not_change_samples(voc_root: Path) -> None:
 
 
 def test_image_dataset(voc_root: Path) -> None:
-    ds = ImageDataset(voc_root, ["a", "b"], _labels())
+    ds = ImageDataset(VOC12(voc_root), ["a", "b"], _labels())
     loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=single_collate)
     items = list(loader)
     assert items[0]["name"] == "a" and isinstance(items[0]["img"], np.ndarray)
     assert items[0]["img"].shape == (40, 60, 3) and items[0]["img"].dtype == np.uint8
     assert items[1]["label"][1] == 1
-    assert "label" not in ImageDataset(voc_root, ["a"])[0]
+    assert "label" not in ImageDataset(VOC12(voc_root), ["a"])[0]
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_segmentation_dataset_alignment_and_pads(voc_root: Path, tmp_path: Path, seed: int) -> None:
-    ds = SegmentationDataset(voc_root, ["a"], tmp_path / "labels", crop_size=48, scale_range=(0.7, 1.3), seed=seed)
+    ds = SegmentationDataset(VOC12(voc_root), ["a"], tmp_path / "labels", crop_size=48, scale_range=(0.7, 1.3),
+                             seed=seed)
     item = ds[0]
     img, label = item["img"].numpy(), item["label"].numpy()
     assert img.shape == (3, 48, 48) and label.shape == (48, 48) and label.dtype == np.int64
@@ -310,9 +315,9 @@ def test_segmentation_dataset_alignment_and_pads(voc_root: Path, tmp_path: Path,
 
 
 def test_segmentation_dataset_label_scale_and_eval(voc_root: Path, tmp_path: Path) -> None:
-    ds = SegmentationDataset(voc_root, ["a"], tmp_path / "labels", crop_size=64, label_scale=0.25)
+    ds = SegmentationDataset(VOC12(voc_root), ["a"], tmp_path / "labels", crop_size=64, label_scale=0.25)
     assert ds[0]["label"].shape == (16, 16)
-    ev = SegmentationDataset(voc_root, ["a"], tmp_path / "labels", crop_size=64, augment=False)
+    ev = SegmentationDataset(VOC12(voc_root), ["a"], tmp_path / "labels", crop_size=64, augment=False)
     label = ev[0]["label"].numpy()
     np.testing.assert_array_equal(label[:40, :60], _block_image(40, 60)[1])
     assert (label[40:] == 255).all() and (label[:, 60:] == 255).all()
@@ -321,6 +326,6 @@ def test_segmentation_dataset_label_scale_and_eval(voc_root: Path, tmp_path: Pat
 def test_segmentation_dataset_errors(voc_root: Path, tmp_path: Path) -> None:
     save_png(tmp_path / "wrong" / "a.png", np.zeros((10, 10), np.uint8))
     with pytest.raises(UserError, match="different dataset"):
-        SegmentationDataset(voc_root, ["a"], tmp_path / "wrong", crop_size=16)[0]
+        SegmentationDataset(VOC12(voc_root), ["a"], tmp_path / "wrong", crop_size=16)[0]
     with pytest.raises(UserError, match="missing"):
-        SegmentationDataset(voc_root, ["b"], tmp_path / "labels", crop_size=16)[0]
+        SegmentationDataset(VOC12(voc_root), ["b"], tmp_path / "labels", crop_size=16)[0]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from misc import weights
+from misc import convert
 from misc.errors import UserError
-from net.backbone import build_backbone
 from net.cam import CAMNet
+from net.factory import build_backbone
 from net.irn import IRN
 
 
@@ -120,7 +120,7 @@ def cam_file(ref_cam: dict[str, Tensor], tmp_path_factory: pytest.TempPathFactor
 
 
 def cam_net() -> CAMNet:
-    return CAMNet(build_backbone("resnet50"))
+    return CAMNet(build_backbone("resnet50"), 20)
 
 
 def assert_loaded(model: torch.nn.Module, ref: dict[str, Tensor], source_of: dict[str, str]) -> None:
@@ -140,21 +140,21 @@ CAM_SOURCES = {"backbone.": "resnet50.", "classifier.": "classifier."}
 
 def test_reference_cam_loads_with_identical_tensors(cam_file: Path, ref_cam: dict[str, Tensor]) -> None:
     model = cam_net()
-    assert weights.load_weights(model, str(cam_file), "cam").ok
+    assert convert.load_weights(model, str(cam_file), "cam").ok
     assert_loaded(model, ref_cam, CAM_SOURCES)
 
 
 def test_dataparallel_prefix_and_double_suffix(tmp_path: Path, ref_cam: dict[str, Tensor]) -> None:
     torch.save({"module." + k: v for k, v in ref_cam.items()}, tmp_path / "res50_cam.pth.pth")
     model = cam_net()
-    assert weights.load_weights(model, str(tmp_path / "res50_cam.pth"), "cam").ok
+    assert convert.load_weights(model, str(tmp_path / "res50_cam.pth"), "cam").ok
     assert_loaded(model, ref_cam, CAM_SOURCES)
 
 
 def test_reference_irn_loads_with_identical_tensors(tmp_path: Path, ref_irn: dict[str, Tensor]) -> None:
     torch.save(ref_irn, tmp_path / "res50_irn.pth")
     model = IRN(build_backbone("resnet50"))
-    assert weights.load_weights(model, str(tmp_path / "res50_irn.pth"), "irn").ok
+    assert convert.load_weights(model, str(tmp_path / "res50_irn.pth"), "irn").ok
     sources = {"backbone.": "resnet50.", "mean_shift.": "mean_shift."}
     sources |= {f"edge{i}.": f"fc_edge{i}." for i in range(1, 7)} | {f"dp{i}.": f"fc_dp{i}." for i in range(1, 8)}
     assert_loaded(model, ref_irn, sources)
@@ -164,7 +164,7 @@ def test_own_checkpoint_loads_unchanged(tmp_path: Path) -> None:
     src = cam_net()
     torch.save(src.state_dict(), tmp_path / "cam.pth")
     dst = cam_net()
-    assert weights.load_weights(dst, str(tmp_path / "cam.pth"), "cam").ok
+    assert convert.load_weights(dst, str(tmp_path / "cam.pth"), "cam").ok
     for key, tensor in src.state_dict().items():
         assert torch.equal(tensor, dst.state_dict()[key])
 
@@ -172,9 +172,9 @@ def test_own_checkpoint_loads_unchanged(tmp_path: Path) -> None:
 def test_checkpoint_of_the_other_network_fails_clearly(ref_cam: dict[str, Tensor],
                                                        ref_irn: dict[str, Tensor]) -> None:
     with pytest.raises(UserError, match=r"no place in our cam network(?s:.*)reference IRN checkpoint"):
-        weights.convert_reference_checkpoint(ref_irn, "cam")
+        convert.convert_reference_checkpoint(ref_irn, "cam")
     with pytest.raises(UserError, match=r"no place in our irn network(?s:.*)reference CAM checkpoint"):
-        weights.convert_reference_checkpoint(ref_cam, "irn")
+        convert.convert_reference_checkpoint(ref_cam, "irn")
 
 
 def test_unknown_keys_fail_unless_partial(tmp_path: Path, ref_cam: dict[str, Tensor]) -> None:
@@ -183,8 +183,8 @@ def test_unknown_keys_fail_unless_partial(tmp_path: Path, ref_cam: dict[str, Ten
     torch.save(odd, tmp_path / "odd.pth")
     model = cam_net()
     with pytest.raises(UserError, match=r"stage9\.extra\.weight"):
-        weights.load_weights(model, str(tmp_path / "odd.pth"), "cam")
-    report = weights.load_weights(model, str(tmp_path / "odd.pth"), "cam", partial=True)
+        convert.load_weights(model, str(tmp_path / "odd.pth"), "cam")
+    report = convert.load_weights(model, str(tmp_path / "odd.pth"), "cam", partial=True)
     assert report.missing == ["classifier.weight"] and not report.unexpected
     assert torch.equal(model.backbone.conv1.weight, ref_cam["resnet50.conv1.weight"])
 
@@ -193,9 +193,9 @@ def test_inconsistent_duplicates_fail(ref_cam: dict[str, Tensor]) -> None:
     bad = dict(ref_cam)
     bad["stage2.0.0.conv1.weight"] = torch.zeros_like(bad["stage2.0.0.conv1.weight"])
     with pytest.raises(UserError, match="inconsistent reference checkpoint"):
-        weights.convert_reference_checkpoint(bad, "cam")
+        convert.convert_reference_checkpoint(bad, "cam")
 
 
 def test_wrong_backbone_depth_fails(cam_file: Path) -> None:
     with pytest.raises(UserError, match=r"missing(?s:.*)backbone\.layer3\.6\."):
-        weights.load_weights(CAMNet(build_backbone("resnet101")), str(cam_file), "cam")
+        convert.load_weights(CAMNet(build_backbone("resnet101"), 20), str(cam_file), "cam")
