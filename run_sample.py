@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -32,10 +33,14 @@ import yaml
 
 import dataset
 import methods
+from dataset.base import read_id_list
+from methods.irn import TRAIN_RADIUS
 from misc import dist
-from misc.errors import UserError
-from misc.io import atomic_write, read_metrics
+from misc.errors import UserError, user_message
+from misc.io import atomic_write, latest_metrics
 from misc.thresholds import REFERENCE, WALKED
+from misc.weights import resolve_weights
+from net.backbone import read_checkpoint
 
 log = logging.getLogger("wsss")
 
@@ -107,7 +112,7 @@ PRESETS: dict[str, dict[str, object]] = {
 
 # Every step any plug-in brings gets a ``--<flag>_pass`` switch; the chosen plug-ins decide which run.
 PLUGINS = [*methods.CAM_METHODS.values(), *methods.REFINERS.values(), *methods.SEGMENTERS.values()]
-STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugin.steps)) + ["make_aug_fg"]
+STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugin.steps)) + ["make_aug_fg", "report"]
 # Flags whose resolved value is derived from the work dir or the dataset; config.yaml keeps them as given so
 # that it can be re-run in another work dir or on another machine.
 DERIVED = ("data_root", "train_list", "val_list", "infer_list", "eval_list", "test_list", "deeplab_train_list",
@@ -124,8 +129,15 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flag errors are user errors: one line naming the flag, exit code 2, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (python run_sample.py --help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("environment")
     g.add_argument("--config", default=None, help="a run's config.yaml: its settings become the defaults")
     g.add_argument("--dataset", choices=sorted(dataset.DATASETS), default=None, help="default: voc12")
@@ -264,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deeplab_gt", type=str2bool, default=False, help="train on GT masks (upper bound)")
     g.add_argument("--make_test_submission", type=str2bool, default=False)
 
+    g = p.add_argument_group("report")
+    g.add_argument("--report_images", type=int, default=6, help="images in report.html's gallery (a seeded sample)")
+
     g = p.add_argument_group("steps (true/false)")
     for name in STEP_PASSES:
         # Training passes default to "true unless weights were given" (resolved in _check_flags).
@@ -354,13 +369,14 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 DEMO_FOLDERS = {"voc12": "demo_voc12", "coco14": "demo_coco14"}
+IRN_MIN_CROP = 4 * (TRAIN_RADIUS + 1)  # IRN's labels are at stride 4 and pair pixels up to TRAIN_RADIUS apart
 SEGMENTER_PASSES = {flag for segmenter in methods.SEGMENTERS.values() for flag, _ in segmenter.steps}
 
 
 def resolve_lists(args: argparse.Namespace) -> None:
     """Fill the list flags the user left unset from the dataset (its own lists, else shipped or scanned into
     ``<work_dir>/lists``); run once the dataset exists (the demo is generated first)."""
-    info = dataset.from_args(args)
+    info = dataset.from_args(args).check()
     for role, splits in info.default_lists.items():
         if getattr(args, role) is not None:
             continue
@@ -448,9 +464,68 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             setattr(args, train_pass, weights is None)
         elif weights and getattr(args, train_pass):
             parser.error(f"--{net}_weights and --{train_pass} true contradict: the given weights would be ignored")
-    for name in ("cam_batch_size", "irn_batch_size", "deeplab_batch_size"):
+    positive = ("cam_batch_size", "irn_batch_size", "deeplab_batch_size", "cam_num_epoches", "irn_num_epoches",
+                "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images")
+    for name in positive:
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("num_workers", "seed", "exp_times"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.irn_crop_size < IRN_MIN_CROP:
+        parser.error(f"--irn_crop_size {args.irn_crop_size} is too small for IRN's pair radius {TRAIN_RADIUS} at "
+                     f"stride 4: use at least {IRN_MIN_CROP}")
+    for name in ("cam_eval_thres", *REFERENCE):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < 1:
+            parser.error(f"--{name} must lie in (0, 1), got {value}")
+    if any(not 0 < t < 1 for t in args.cam_eval_sweep):
+        parser.error(f"--cam_eval_sweep thresholds must lie in (0, 1), got {args.cam_eval_sweep}")
+    for name in ("cam_scales", "deeplab_eval_scales", "cam_resize_long"):
+        if any(v <= 0 for v in getattr(args, name)):
+            parser.error(f"--{name} must be positive, got {list(getattr(args, name))}")
+    if any(n < 1 for n in args.demo_size) or args.demo_size[1] > args.demo_size[0]:
+        parser.error(f"--demo_size needs 1 <= TRAIN <= TRAIN_AUG and VAL >= 1, got {list(args.demo_size)}")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        if args.device != "auto":
+            parser.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    work_dir = Path(args.work_dir)
+    blocking = next((p for p in (work_dir, *work_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        parser.error(f"--work_dir {work_dir} cannot be a folder: {blocking} is a file")
+    existing = next(p for p in (work_dir, *work_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        parser.error(f"--work_dir {work_dir} is not writable ({existing} is read-only): choose another folder")
+
+
+def check_lists(args: argparse.Namespace) -> None:
+    """Every id list the run reads exists, is not empty, names each image once, names images the dataset has,
+    and holds a training batch."""
+    info = dataset.from_args(args)
+    batches = {}
+    if args.train_cam_pass or args.train_irn_pass:
+        batches["train_list"] = max(args.cam_batch_size if args.train_cam_pass else 1,
+                                    args.irn_batch_size if args.train_irn_pass else 1)
+    if args.train_deeplab_pass:
+        batches["deeplab_train_list"] = args.deeplab_batch_size
+    for role in ("train_list", "val_list", "infer_list", "eval_list", "deeplab_train_list"):
+        ids = read_id_list(getattr(args, role))
+        if not ids:
+            raise UserError(f"--{role} {getattr(args, role)} lists no image: give a list with one id per line.")
+        seen: set[str] = set()
+        twice = next((i for i in ids if i in seen or seen.add(i)), None)
+        if twice is not None:
+            raise UserError(f"--{role} {getattr(args, role)} names {twice} more than once (it would count twice): "
+                            "remove the duplicates.")
+        missing = [i for i in ids if not info.image(i).is_file()]
+        if missing:
+            raise UserError(f"--{role} {getattr(args, role)}: {len(missing)} of its {len(ids)} images are missing "
+                            f"(first: {info.image(missing[0])}): fix the list or the dataset root.")
+        if role in batches and len(ids) < batches[role]:
+            raise UserError(f"--{role} {getattr(args, role)} has {len(ids)} images, fewer than one training batch "
+                            f"({batches[role]}): lower the batch size or use a longer list.")
 
 
 def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:
@@ -466,15 +541,32 @@ def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:
     log.info("--- %s done in %.1f s", module, seconds)
 
 
-def run_pipeline(args: argparse.Namespace) -> None:
-    """Sequence the steps of the chosen plug-ins; the steps do all the work."""
-    work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    timings = work_dir / "timings.jsonl"
+def check_weights(args: argparse.Namespace) -> None:
+    """Every weights file the run was given exists and is a state dict (registry names are fetched first)."""
+    for flag in ("backbone_weights", "deeplab_weights", "cam_weights", "irn_weights"):
+        try:
+            path = resolve_weights(getattr(args, flag))
+            if path is not None:
+                read_checkpoint(path)
+        except UserError as e:
+            raise UserError(f"--{flag}: {user_message(e)}") from None
+
+
+def prepare_run(args: argparse.Namespace) -> None:
+    """The validation pass before anything is written: the dataset (the demo is generated if missing), its
+    lists and every weights file. A bad input stops the run here, with every finished output untouched."""
     if args.demo:
         _run_demo_generator(args)
     dataset.from_args(args).check()
     resolve_lists(args)
+    check_lists(args)
+    check_weights(args)
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    """Sequence the steps of the chosen plug-ins (after ``prepare_run``); the steps do all the work."""
+    work_dir = Path(args.work_dir)
+    timings = work_dir / "timings.jsonl"
     if dist.is_main():
         write_config(args)
     round_steps = [*methods.cam_method(args).steps, *methods.refiner(args).steps]
@@ -491,6 +583,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
     for flag, module in methods.segmenter(args).steps:
         if getattr(args, f"{flag}_pass"):
             _run_step(module, final, timings)
+    if args.report_pass:
+        _run_step("report", final, timings)
     if dist.is_main():
         print(summary_table(work_dir))
 
@@ -513,10 +607,7 @@ def _run_demo_generator(args: argparse.Namespace) -> None:
 
 def summary_table(work_dir: str | os.PathLike) -> str:
     """One line per (variant, step) of the latest results in metrics.jsonl, plus each step's wall time."""
-    latest: dict[tuple[str, str, str], dict] = {}
-    for row in read_metrics(work_dir):
-        key = (row.get("variant", "-"), row["step"], row.get("postprocess", ""))
-        latest[key] = row
+    latest = latest_metrics(work_dir)
     times: dict[tuple[str, str], float] = {}
     timings = Path(work_dir) / "timings.jsonl"
     if timings.is_file():
@@ -544,21 +635,23 @@ def summary_table(work_dir: str | os.PathLike) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)
+    for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+        log.removeHandler(old)  # main() may run several times in one process (tests, notebooks)
+        old.close()
     try:
         args = make_args(argv)
         dist.init(args.device)
         if not dist.is_main():
             log.setLevel(logging.WARNING)
+        prepare_run(args)
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        for old in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
-            log.removeHandler(old)  # main() may run several times in one process (tests, notebooks)
         file_log = logging.FileHandler(Path(args.work_dir) / "log.txt")
         file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(file_log)
         dist.seed_everything(args.seed)
         run_pipeline(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -21,8 +21,8 @@ from bench.measure import Measurement, Meter
 from dataset.voc12 import VOC12
 from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
+from methods.irn import TRAIN_RADIUS, propagate
 from methods.irn import batch_losses as irn_batch_losses
-from methods.irn import propagate
 from misc.crf import ir_label_from_cam
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.indexing import get_path_index, random_walk, random_walk_dense
@@ -34,7 +34,6 @@ from net.deeplab import build_deeplab
 from net.factory import build_backbone
 from net.irn import IRN, edge_and_displacement
 from step.make_cam import MultiScaleDataset, multiscale_cam, strided_size
-from step.train_irn import TRAIN_RADIUS
 
 # Random-walk settings of the pipeline (run_sample defaults, spec 8.2).
 BETA, EXP_TIMES, RW_RADIUS = 10, 8, 5

@@ -38,6 +38,8 @@ from misc.weights import resolve_weights
 from net.factory import build_backbone
 from net.irn import IRN, edge_and_displacement, irn_loss
 
+TRAIN_RADIUS = 10  # PathIndex radius during training (spec 7.2); inference uses 5
+
 
 class IRNRefiner(Refiner):
     name = "irn"

@@ -15,21 +15,31 @@ from PIL import Image
 
 from misc.errors import UserError
 
+TMP_SUFFIX = ".tmp"  # temporary files of atomic_write: ``.<name>.<random>.tmp`` beside their target
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary file beside ``path`` and move it into place only if the block succeeds.
 
-    An interrupted step therefore never leaves a truncated output that a resumed run would trust.
+    An interrupted step therefore never leaves a truncated output that a resumed run would trust. The file
+    gets the permissions a plain ``open`` would give it (the umask's), not the temporary file's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -93,12 +103,18 @@ def save_json(path: str | os.PathLike, obj: Any) -> None:
         json.dump(obj, f, indent=1)
 
 
-def append_metrics(work_dir: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append one result as a JSON line to ``<work_dir>/metrics.jsonl``."""
+def metrics_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What a metrics row measures: its round, step, post-processing and training labels (pseudo or gt)."""
+    return row.get("variant", "-"), row["step"], row.get("postprocess"), row.get("labels")
+
+
+def record_metrics(work_dir: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Write one result into ``<work_dir>/metrics.jsonl`` (one JSON object a line), replacing the row that
+    measured the same thing before (``metrics_key``): re-running a step updates its number, never doubles it."""
     path = Path(work_dir) / "metrics.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    rows = [r for r in read_metrics(work_dir) if metrics_key(r) != metrics_key(row)]
+    with atomic_write(path, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in [*rows, row]))
 
 
 def read_metrics(work_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -106,3 +122,13 @@ def read_metrics(work_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def latest_metrics(work_dir: str | os.PathLike) -> dict[tuple[str, str, str | None], dict[str, Any]]:
+    """The latest row of every (variant, step, postprocess) in ``metrics.jsonl``, in first-seen order; a
+    segmenter trained on ground truth (the upper bound) is the variant ``gt``."""
+    latest: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for row in read_metrics(work_dir):
+        variant = "gt" if row.get("labels") == "gt" else row.get("variant", "-")
+        latest[(variant, row["step"], row.get("postprocess"))] = row
+    return latest

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from misc import dist
 from misc.errors import UserError
-from misc.io import append_metrics, atomic_write, save_json
+from misc.io import TMP_SUFFIX, atomic_write, record_metrics, save_json
 from misc.metrics import confusion_matrix, segmentation_scores
 
 if TYPE_CHECKING:
@@ -76,11 +76,14 @@ def dir_fingerprint(out_dir: str | os.PathLike, producer: str) -> str:
 
 def prepare_output_dir(out_dir: str | os.PathLike, fp: str, *patterns: str) -> Path:
     """Create ``out_dir`` for outputs of fingerprint ``fp``; delete the files matching ``patterns`` (e.g.
-    ``*.png``) that another fingerprint produced. Call it only once the step's inputs are known to be valid."""
+    ``*.png``) that another fingerprint produced, and temporary files an interrupted run left. Call it only
+    once the step's inputs are known to be valid."""
     out_dir = Path(out_dir)
     manifest = out_dir / MANIFEST
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
+        for leftover in out_dir.glob(f".*{TMP_SUFFIX}"):
+            leftover.unlink(missing_ok=True)
         old = json.loads(manifest.read_text())["fingerprint"] if manifest.is_file() else None
         if old != fp:
             stale = [f for pattern in patterns for f in out_dir.glob(pattern)]
@@ -157,14 +160,19 @@ def epoch_loader(data: TrainData, epoch: int, skip: int, stop: int) -> DataLoade
 class TrainLog:
     """Per-step training record ``<weights>.log.jsonl`` (rank 0): step, learning rates, losses averaged over ranks.
 
-    Truncated when training starts from scratch, appended to when it resumes.
+    A run resumed at step ``resume_step`` keeps the rows up to that step (the steps an interrupted run took
+    after its last checkpoint are taken again, and logged once), so the log equals an uninterrupted run's.
     """
 
-    def __init__(self, weights: str | os.PathLike, resume: bool) -> None:
+    def __init__(self, weights: str | os.PathLike, resume_step: int = 0) -> None:
         self.path = Path(weights).with_name(Path(weights).name + ".log.jsonl")
-        if dist.is_main() and not resume:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+        if dist.is_main():
+            kept = []
+            if resume_step and self.path.is_file():
+                rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+                kept = [line for line in rows if json.loads(line)["step"] <= resume_step]
+            with atomic_write(self.path, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
 
     def write(self, step: int, optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Average ``losses`` over ranks (collective), append a row on rank 0, return the averaged values."""
@@ -231,7 +239,7 @@ def record(args: argparse.Namespace, row: dict[str, Any]) -> None:
     """Append a metrics row (rank 0 only) tagged with this round's variant, and log its headline number."""
     row = {"variant": args.variant, **row}
     if dist.is_main():
-        append_metrics(args.work_dir, row)
+        record_metrics(args.work_dir, row)
         headline = f"mAP@0.5 {row['map']:.2f}" if "map" in row else f"mIoU {row['miou']:.2f}"
         log.info("%s %s (%s, %s split)", row["step"], headline, row["variant"], row.get("split", "-"))
 

@@ -78,6 +78,13 @@ def thresholds(args: argparse.Namespace) -> dict[str, float]:
     saved = json.loads(path.read_text())
     derived = calibrated(saved["best_cam_threshold"], args.rw_normalize)
     values.update({name: derived[name] for name in args.calibrated_thresholds})
+    if values["conf_bg_thres"] >= values["conf_fg_thres"]:
+        given = [f"--{n} {getattr(args, n)}" for n in ("conf_bg_thres", "conf_fg_thres")
+                 if getattr(args, n) is not None]
+        raise UserError(f"the seed thresholds cross: confident background {values['conf_bg_thres']} is not below "
+                        f"confident foreground {values['conf_fg_thres']} ({' and '.join(given)} given, the other "
+                        f"calibrated from the best CAM threshold {saved['best_cam_threshold']}): give both, or "
+                        "neither.")
     log.info("calibrated thresholds (%s, best CAM threshold %.2f on %s): %s", args.variant,
              saved["best_cam_threshold"], saved["split"], ", ".join(f"{n} {v}" for n, v in values.items()))
     return values

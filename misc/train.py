@@ -101,7 +101,7 @@ def train(
         # Checkpoints of other settings can never resume this run: they would only fill the disk.
         for stale in out.parent.glob(f"{out.stem}.*.ckpt"):
             stale.unlink()
-    train_log = TrainLog(out, resume=step > 0)
+    train_log = TrainLog(out, resume_step=step)
     net = DistributedDataParallel(model) if world > 1 else model
     model.train()
     bar = tqdm(total=total, initial=step, desc=out.stem, disable=not dist.is_main(), mininterval=2)

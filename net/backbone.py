@@ -7,7 +7,6 @@ five feature maps ``[x1..x5]``; ``channels`` and ``strides`` describe them. See 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 
@@ -109,9 +108,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
         raise UserError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}. "
-                        "Re-download the file or pass another one.") from e
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a file that is no checkpoint
+        # torch's own message (advice to unpickle arbitrary code, reader internals) would mislead here.
+        raise UserError(f"cannot read checkpoint {path}: it is not a PyTorch state dict, or it is truncated or "
+                        f"corrupt ({type(e).__name__}); re-download the file or pass another one.") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -17,7 +17,7 @@ import dataset
 from dataset.base import read_id_list
 from dataset.labels import load_cls_labels
 from dataset.samples import ClassificationDataset, SegmentationDataset
-from methods.irn import batch_losses, build_irn
+from methods.irn import TRAIN_RADIUS, batch_losses, build_irn
 from misc import dist
 from misc.indexing import get_path_index
 from misc.optim import PolyOptimizer
@@ -27,7 +27,6 @@ from net.irn import estimate_mean_shift
 
 log = logging.getLogger("wsss")
 
-TRAIN_RADIUS = 10  # PathIndex radius during training (spec 7.2); inference uses 5
 TRAINING_SETTINGS = ("irn_crop_size", "irn_batch_size", "irn_num_epoches", "irn_learning_rate", "irn_weight_decay",
                      "irn_momentum", "backbone", "backbone_weights", "seed")
 

@@ -94,3 +94,10 @@ def test_missing_ground_truth_names_the_calibration_switch(tmp_path):
     (tmp_path / "SegmentationClass").mkdir()
     with pytest.raises(UserError, match=r"2 of 2 .*--calibrate_thresholds false"):
         require_gt(VOC12(tmp_path), ["a", "b"])
+
+
+def test_an_explicit_threshold_that_crosses_a_calibrated_one_is_an_error(tmp_path):
+    args = _round(tmp_path, "--conf_bg_thres", "0.8")
+    save_calibration(args, 0.55, "train")  # calibrated confident foreground: 0.75
+    with pytest.raises(UserError, match=r"cross.*--conf_bg_thres 0.8 given"):
+        thresholds(args)
