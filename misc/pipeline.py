@@ -193,6 +193,10 @@ def gt_confusions(info: DatasetInfo, image_id: str, preds: Sequence[np.ndarray])
     """(L, L) confusion matrices (L = ``info.num_labels``) of (H, W) label maps of one image against its
     ground-truth mask."""
     gt = info.read_mask(image_id)
+    bad = np.unique(gt[(gt >= info.num_labels) & (gt != info.ignore)])
+    if bad.size:
+        raise UserError(f"ground truth {info.seg_class(image_id)} has values {bad[:5].tolist()} that are neither a "
+                        f"label (0..{info.num_labels - 1}) nor void ({info.ignore}): fix the mask, or check --dataset.")
     for pred in preds:
         if pred.shape != gt.shape:
             raise UserError(

@@ -69,6 +69,9 @@ def multiscale_cam(
     """
     h, w = size
     strided = strided_size(h, w)
+    if len(keys) == 0:  # an image without a labelled class (an empty tag set) has no CAM to compute
+        device = pairs[0].device
+        return torch.zeros((0, *strided), device=device), torch.zeros((0, h, w), device=device)
     padded16 = tuple(((d - 1) // 16 + 1) * 16 for d in (h, w))
     cam = high_res = 0
     for x in pairs:

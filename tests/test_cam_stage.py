@@ -98,3 +98,11 @@ def test_eval_cam_requires_cams(tmp_path):
     (tmp_path / "ids.txt").write_text("2100_000001\n")
     with pytest.raises(Exception, match="make_cam"):
         eval_cam.run(args)
+
+
+def test_an_image_without_classes_gets_empty_cams():
+    model = ConstantCAM({(8, 12): torch.ones(3, 2, 3)})
+    pairs = [torch.zeros(2, 3, 8, 12)]
+    cam, high = multiscale_cam(PlainCAM(), model, pairs, (8, 12), torch.zeros(0, dtype=torch.long))
+    assert cam.shape == (0, 2, 3) and high.shape == (0, 8, 12)
+    assert (scores_to_label(high.numpy(), np.zeros(0, np.int64), 0.15) == 0).all()

@@ -15,7 +15,7 @@ from dataset.samples import ImageDataset, single_collate
 from dataset.voc12 import VOC12
 from misc.errors import UserError, user_message
 from misc.io import atomic_write, read_metrics, record_metrics
-from misc.pipeline import prepare_output_dir
+from misc.pipeline import gt_confusions, prepare_output_dir
 
 
 def test_atomic_write_keeps_the_umasks_permissions(tmp_path: Path):
@@ -63,3 +63,10 @@ def test_an_error_in_a_loader_worker_reaches_the_user_as_one_line(tmp_path: Path
     assert message.startswith(f"image {tmp_path / 'JPEGImages' / 'bad.jpg'} is unreadable or corrupt")
     assert "Traceback" not in message and "\n" not in message
     assert user_message(UserError("plain\nmessage")) == "plain\nmessage"
+
+
+def test_a_ground_truth_value_outside_the_labels_names_the_mask(tmp_path: Path):
+    (tmp_path / "SegmentationClass").mkdir()
+    Image.fromarray(np.array([[0, 1], [40, 255]], np.uint8)).save(tmp_path / "SegmentationClass" / "a.png")
+    with pytest.raises(UserError, match=r"SegmentationClass/a.png has values \[40\] that are neither"):
+        gt_confusions(VOC12(tmp_path), "a", [np.zeros((2, 2), np.uint8)])
