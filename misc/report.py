@@ -2,6 +2,7 @@
 
     python -m misc.report WORK_DIR                     # <WORK_DIR>/report.html (the driver's report step)
     python -m misc.report DIR1 DIR2 ... --out cmp.html  # several runs side by side, mean +- std over seeds
+    python -m misc.report runs/demo/seed0 runs/demo/seed1 runs/demo/seed2 --ignore cda deeplab_crf deeplab_gt
 
 A page is plain HTML with its pictures as PNG files in a folder beside it (no network, no JavaScript):
 the run's settings, the summary of every stage and round (with the published numbers on VOC), per-class
@@ -325,14 +326,19 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
     return out
 
 
-def _group_key(config: dict[str, Any]) -> str:
-    """A run's settings without those that differ between seeds of one configuration."""
-    settings = {k: v for k, v in config.items() if not k.startswith("_") and k not in ("seed", "work_dir")}
+def _group_key(config: dict[str, Any], ignore: Sequence[str]) -> str:
+    """A run's settings without those that differ between seeds of one configuration (and ``ignore``)."""
+    skip = {"seed", "work_dir", *ignore}
+    settings = {k: v for k, v in config.items() if not k.startswith("_") and k not in skip}
     return json.dumps(settings, sort_keys=True, default=str)
 
 
-def write_comparison(work_dirs: Sequence[str | Path], out: str | Path) -> Path:
-    """One page comparing runs: runs of the same settings but the seed are one column, mean +- std."""
+def write_comparison(work_dirs: Sequence[str | Path], out: str | Path, ignore: Sequence[str] = ()) -> Path:
+    """One page comparing runs: runs of the same settings but the seed are one column, mean +- std.
+
+    ``ignore``: settings that do not tell configurations apart, e.g. those of a later evaluation-only re-run
+    in the same work dir (its config.yaml holds the last run's flags; ``bench.demo_runs`` re-runs each seed
+    with ``--cda false``, ``--deeplab_crf false`` and ``--deeplab_gt true``)."""
     out = Path(out)
     groups: dict[str, list[Path]] = defaultdict(list)
     configs = {}
@@ -340,7 +346,7 @@ def write_comparison(work_dirs: Sequence[str | Path], out: str | Path) -> Path:
         config = _read_config(work_dir)
         if not config:
             raise UserError(f"{work_dir} has no config.yaml: pass work dirs of runs.")
-        groups[_group_key(config)].append(work_dir)
+        groups[_group_key(config, ignore)].append(work_dir)
         configs[work_dir] = config
     # Name each configuration by the settings that tell it apart from the others.
     settings = [json.loads(k) for k in groups]
@@ -378,12 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("work_dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, default=None, help="comparison page (several work dirs): default compare.html")
     p.add_argument("--images", type=int, default=6, help="gallery size of a single run's report")
+    p.add_argument("--ignore", nargs="*", default=[], metavar="FLAG",
+                   help="settings that do not tell runs apart (e.g. cda deeplab_crf deeplab_gt for bench.demo_runs)")
     args = p.parse_args(argv)
     try:
         if len(args.work_dirs) == 1 and args.out is None:
             print(write_report(args.work_dirs[0], args.images))
         else:
-            print(write_comparison(args.work_dirs, args.out or Path("compare.html")))
+            print(write_comparison(args.work_dirs, args.out or Path("compare.html"), args.ignore))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,3 +70,6 @@ def test_comparison_groups_seeds_of_one_configuration(tmp_path: Path):
     # cda=true: mean 42, sample std of (40, 44) = 2.83; cda=false: one run, its value.
     assert "cda=True (2 runs)" in page and "cda=False (1 run)" in page
     assert "<td>42.00 ± 2.83</td><td>30.00</td>" in page
+    # Told to disregard the setting, all three are one configuration.
+    page = write_comparison(runs, tmp_path / "all.html", ignore=["cda"]).read_text()
+    assert "same settings (3 runs)" in page and "<td>38.00 ± 7.21</td>" in page
