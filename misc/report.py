@@ -182,9 +182,10 @@ def image_iou(info: DatasetInfo, gt: np.ndarray, pred: np.ndarray) -> float | No
 
 
 class Gallery:
-    """Tiles of one work dir's images, written into ``assets`` as PNG files."""
+    """Tiles of one work dir's images, written into ``assets`` as PNG files; with a ``variant`` (round) its
+    CAMs, IR seeds and pseudo masks are shown too."""
 
-    def __init__(self, work_dir: Path, info: DatasetInfo, assets: Path, variant: str) -> None:
+    def __init__(self, work_dir: Path, info: DatasetInfo, assets: Path, variant: str | None) -> None:
         self.work_dir, self.info, self.assets, self.variant = work_dir, info, assets, variant
 
     def _tile(self, image_id: str, kind: str, img: np.ndarray, nearest: bool, caption: str) -> str:
@@ -200,21 +201,22 @@ class Gallery:
 
     def row(self, image_id: str, segmenter_dir: Path | None = None) -> str:
         """One image: photo, ground truth, CAM per class, IR seeds, pseudo mask (and the segmenter's prediction)."""
-        info, round_dir = self.info, self.work_dir / self.variant
+        info = self.info
         img = read_image(info.image(image_id))
         gt = info.read_mask(image_id) if info.has_mask(image_id) else None
         tiles = [self._tile(image_id, "image", img, False, image_id)]
         if gt is not None:
             tiles.append(self._tile(image_id, "gt", colour(gt, info), True, "ground truth"))
-        cam_file = round_dir / "cam" / f"{image_id}.npz"
-        if cam_file.is_file():
+        round_dir = self.work_dir / self.variant if self.variant is not None else None
+        cam_file = round_dir / "cam" / f"{image_id}.npz" if round_dir is not None else None
+        if cam_file is not None and cam_file.is_file():
             cams = load_cam(cam_file)
             for key, cam in zip(cams["keys"], cams["high_res"], strict=True):
                 tiles.append(self._tile(image_id, f"cam{key}", heat_overlay(img, cam), False,
                                         f"CAM {info.class_names[key]}"))
         for folder, caption in (("ir_label", "IR seeds (cream: uncertain)"), ("sem_seg", "pseudo mask")):
-            path = round_dir / folder / f"{image_id}.png"
-            if path.is_file():
+            path = round_dir / folder / f"{image_id}.png" if round_dir is not None else None
+            if path is not None and path.is_file():
                 label = load_png(path)
                 score = self._score(gt, label) if folder == "sem_seg" else ""
                 tiles.append(self._tile(image_id, folder, colour(label, info), True, caption + score))
@@ -308,7 +310,7 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
         ids = read_id_list(val_list)
         sample = sorted(np.random.default_rng(seed).choice(ids, size=min(images, len(ids)), replace=False).tolist())
         parts.append(f"<h2>Segmenter on {_esc(Path(val_list).stem)} ({_esc(segmenter_dirs[-1].relative_to(work_dir))})"
-                     "</h2>" + "".join(Gallery(work_dir, info, assets, "-").row(i, segmenter_dirs[-1])
+                     "</h2>" + "".join(Gallery(work_dir, info, assets, None).row(i, segmenter_dirs[-1])
                                        for i in sample))
 
     times = _timings(work_dir)
