@@ -510,7 +510,14 @@ def check_lists(args: argparse.Namespace) -> None:
                                     args.irn_batch_size if args.train_irn_pass else 1)
     if args.train_deeplab_pass:
         batches["deeplab_train_list"] = args.deeplab_batch_size
+    # A file serving several roles (train_list is deeplab_train_list by default) is read and checked once.
+    roles: dict[str, str] = {}  # list file -> the first role it serves
     for role in ("train_list", "val_list", "infer_list", "eval_list", "deeplab_train_list"):
+        roles.setdefault(getattr(args, role), role)
+    need: dict[str, int] = {}  # list file -> the largest training batch drawn from it
+    for role, batch in batches.items():
+        need[getattr(args, role)] = max(need.get(getattr(args, role), 1), batch)
+    for role in roles.values():
         ids = read_id_list(getattr(args, role))
         if not ids:
             raise UserError(f"--{role} {getattr(args, role)} lists no image: give a list with one id per line.")
@@ -523,9 +530,9 @@ def check_lists(args: argparse.Namespace) -> None:
         if missing:
             raise UserError(f"--{role} {getattr(args, role)}: {len(missing)} of its {len(ids)} images are missing "
                             f"(first: {info.image(missing[0])}): fix the list or the dataset root.")
-        if role in batches and len(ids) < batches[role]:
+        if len(ids) < need.get(getattr(args, role), 0):
             raise UserError(f"--{role} {getattr(args, role)} has {len(ids)} images, fewer than one training batch "
-                            f"({batches[role]}): lower the batch size or use a longer list.")
+                            f"({need[getattr(args, role)]}): lower the batch size or use a longer list.")
 
 
 def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:

@@ -227,6 +227,11 @@ class Gallery:
         return "<div>" + "".join(tiles) + "</div>"
 
 
+def _sample(ids: Sequence[str], n: int, seed: int) -> list[str]:
+    """A fixed, seeded choice of ``n`` of ``ids`` (all of them if fewer), sorted."""
+    return sorted(np.random.default_rng(seed).choice(ids, size=min(n, len(ids)), replace=False).tolist())
+
+
 def pseudo_mask_ious(work_dir: Path, info: DatasetInfo, variant: str, ids: Sequence[str]) -> dict[str, float]:
     """Per-image mIoU of a round's pseudo masks, for the ids that have both a mask and ground truth."""
     out = {}
@@ -294,8 +299,7 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
     eval_list = resolved.get("eval_list")
     if eval_list and Path(eval_list).is_file():
         ids = read_id_list(eval_list)
-        rng = np.random.default_rng(seed)
-        sample = sorted(rng.choice(ids, size=min(images, len(ids)), replace=False).tolist())
+        sample = _sample(ids, images, seed)
         parts.append(f"<h2>Gallery: {_esc(variant)} round, {len(sample)} images of "
                      f"{_esc(Path(eval_list).stem)} (seed {seed})</h2>" + "".join(gallery.row(i) for i in sample))
         ious = pseudo_mask_ious(work_dir, info, variant, ids)
@@ -308,7 +312,7 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
     segmenter_dirs = sorted((work_dir / "deeplab").glob("*/pred_*")) if (work_dir / "deeplab").is_dir() else []
     if val_list and Path(val_list).is_file() and segmenter_dirs:
         ids = read_id_list(val_list)
-        sample = sorted(np.random.default_rng(seed).choice(ids, size=min(images, len(ids)), replace=False).tolist())
+        sample = _sample(ids, images, seed)
         parts.append(f"<h2>Segmenter on {_esc(Path(val_list).stem)} ({_esc(segmenter_dirs[-1].relative_to(work_dir))})"
                      "</h2>" + "".join(Gallery(work_dir, info, assets, None).row(i, segmenter_dirs[-1])
                                        for i in sample))
