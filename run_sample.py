@@ -37,6 +37,7 @@ from dataset.base import read_id_list
 from methods.irn import TRAIN_RADIUS
 from misc import dist
 from misc.errors import UserError, user_message
+from misc.flags import str2bool
 from misc.io import atomic_write, latest_metrics
 from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
@@ -117,16 +118,6 @@ STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugi
 # that it can be re-run in another work dir or on another machine.
 DERIVED = ("data_root", "train_list", "val_list", "infer_list", "eval_list", "test_list", "deeplab_train_list",
            "ins_seg_list", "cls_labels")
-
-
-def str2bool(value: str) -> bool:
-    """Real booleans for flags: ``--train_cam_pass false`` means false (the reference's ``is True`` did not)."""
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -278,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("report")
     g.add_argument("--report_images", type=int, default=6, help="images in report.html's gallery (a seeded sample)")
+
+    for plugin in PLUGINS:
+        plugin.add_arguments(p)
 
     g = p.add_argument_group("steps (true/false)")
     for name in STEP_PASSES:
@@ -491,6 +485,10 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     except RuntimeError:
         if args.device != "auto":
             parser.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    for plugin in (methods.cam_method(args), methods.refiner(args), methods.segmenter(args)):
+        problem = plugin.check_args(args)
+        if problem is not None:
+            parser.error(problem)
     work_dir = Path(args.work_dir)
     blocking = next((p for p in (work_dir, *work_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:

@@ -1,6 +1,8 @@
 """Run the default demo pipeline for several seeds and report every stage in docs/benchmarks.md.
 
     python -m bench.demo_runs --seeds 0 1 2            # ~10 min a seed on 2 CPU cores; resumable
+    python -m bench.demo_runs --data_root ../shared/data/voc12_photos --section photos --root runs/photos \
+        --no_upper_bound -- --preset demo             # the same table on a VOC-layout folder of real photos
 
 Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in ``<root>/seed<N>``, then
 a ``--cda false`` run in the same folder that reuses the baseline round and trains DeepLab on its masks
@@ -30,7 +32,6 @@ from misc.io import read_metrics
 from misc.metrics import confusion_matrix, segmentation_scores
 
 REPO = Path(__file__).resolve().parent.parent
-START, END = "<!-- demo:start -->", "<!-- demo:end -->"
 
 
 def run_seed(root: Path, seed: int, extra: list[str]) -> Path:
@@ -114,11 +115,12 @@ def _fmt(vals: list[float], digits: int = 1) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def report(works: list[Path], seeds: list[int], baselines: dict[str, float], command: str) -> str:
+def report(works: list[Path], seeds: list[int], baselines: dict[str, float], command: str,
+           data: str = "the demo's") -> str:
     values, times = summarise(works)
     lines = [
         f"Measured {date.today().isoformat()} on this repository's CI machine type (2 CPU cores), "
-        f"seeds {seeds}, with `{command}`. Mean ± standard deviation over seeds; evaluation on the demo's "
+        f"seeds {seeds}, with `{command}`. Mean ± standard deviation over seeds; evaluation on {data} "
         "`train` split (CAMs, pseudo masks, instances) and `val` split (DeepLab).",
         "",
         "| stage | baseline (IRNet) | CDA |",
@@ -146,13 +148,17 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
     return "\n".join(lines)
 
 
-def write_section(doc: Path, body: str) -> None:
+def write_section(doc: Path, body: str, name: str = "demo",
+                  title: str = "Demo pipeline, every stage, baseline vs CDA") -> None:
+    """Replace the ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of ``doc`` (appended under ``title``
+    if absent)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.is_file() else "# Benchmarks\n"
-    section = f"{START}\n{body}\n{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    section = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
-        text = text.rstrip("\n") + "\n\n## Demo pipeline, every stage, baseline vs CDA\n\n" + section + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + section + "\n"
     doc.write_text(text)
 
 
@@ -164,8 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no_upper_bound", action="store_true", help="skip the GT-trained DeepLab of the first seed")
     p.add_argument("--no_baseline_deeplab", action="store_true", help="skip DeepLab on the baseline round's masks")
     p.add_argument("--report_only", action="store_true", help="report the existing runs under --root; run nothing")
+    p.add_argument("--data_root", type=Path, default=None,
+                   help="a VOC-layout folder with its own ImageSets/Segmentation train/val lists (default: the demo)")
+    p.add_argument("--section", default="demo", help="the docs section (markers) the table replaces")
+    p.add_argument("--title", default="Demo pipeline, every stage, baseline vs CDA",
+                   help="the heading of a new section")
     p.add_argument("extra", nargs="*", help="flags passed to run_sample.py (after --)")
     args = p.parse_args(argv)
+    if args.data_root is not None:
+        args.extra = ["--voc12_root", str(args.data_root.resolve()), *args.extra]
     if args.report_only:
         works = [args.root / f"seed{seed}" for seed in args.seeds]
     else:
@@ -179,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 run_seed(args.root, seed, [*args.extra, *arm, "--deeplab_crf", "false"])
         if not args.no_upper_bound:
             run_seed(args.root, args.seeds[0], [*args.extra, "--deeplab_gt", "true"])
-    demo_root = works[0] / "demo_voc12"
-    baselines = trivial_baselines(demo_root, demo_root / "ImageSets" / "Segmentation" / "train.txt")
-    command = "python -m bench.demo_runs --seeds " + " ".join(map(str, args.seeds))
-    body = report(works, args.seeds, baselines, command)
+    data_root = args.data_root or works[0] / "demo_voc12"
+    baselines = trivial_baselines(data_root, data_root / "ImageSets" / "Segmentation" / "train.txt")
+    command = "python -m bench.demo_runs " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = report(works, args.seeds, baselines, command, "the demo's" if args.data_root is None else
+                  f"`{args.data_root.name}`'s")
     print(body)
-    write_section(args.out, body)
+    write_section(args.out, body, args.section, args.title)
     return 0
 
 

@@ -11,9 +11,10 @@ from methods.base import CAMMethod, Refiner, Segmenter
 from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
 from methods.irn import IRNRefiner
+from methods.ppl import PPL
 from misc.errors import UserError
 
-CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM,)}
+CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL)}
 REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner,)}
 SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter,)}
 

@@ -8,8 +8,9 @@
 - A **segmenter** learns from the pseudo masks (or ground truth) and predicts label maps, through the
   generic ``train_deeplab`` / ``eval_deeplab`` steps.
 
-Each plug-in lists its steps as ``(pass flag, step module)`` pairs; the driver runs them in order, and
-``--<pass flag>_pass false`` skips one. See docs/DESIGN.md, "How to add a CAM method / refiner".
+Each plug-in may add flags of its own (``add_arguments``, validated by ``check_args``) and lists its steps
+as ``(pass flag, step module)`` pairs; the driver runs them in order, and ``--<pass flag>_pass false``
+skips one. See docs/DESIGN.md, "How to add a CAM method / refiner".
 """
 
 from __future__ import annotations
@@ -26,7 +27,20 @@ from misc.train import Stage
 StepList = tuple[tuple[str, str], ...]
 
 
-class CAMMethod:
+class Plugin:
+    """What every plug-in may bring besides its steps: flags of its own, and their validation."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the plug-in's own flags (in a group of their own), all defaulting so other plug-ins ignore them."""
+
+    @classmethod
+    def check_args(cls, args: argparse.Namespace) -> str | None:
+        """Once the plug-in is chosen: why its flags are invalid (a one-line message naming the flag), or None."""
+        return None
+
+
+class CAMMethod(Plugin):
     """A classifier trained on tags whose activation maps are the CAMs.
 
     ``settings``: the ``args`` fields (beyond the CAM training ones) that shape the trained weights, part
@@ -58,7 +72,7 @@ class CAMMethod:
         raise NotImplementedError
 
 
-class Refiner:
+class Refiner(Plugin):
     """CAM files -> semantic pseudo masks in ``<round>/sem_seg``, by the steps it lists (run in order after
     the CAM steps; ``eval_sem_seg`` scores any refiner's masks)."""
 
@@ -66,7 +80,7 @@ class Refiner:
     steps: ClassVar[StepList]
 
 
-class Segmenter:
+class Segmenter(Plugin):
     """A fully supervised segmentation network trained on the pseudo masks.
 
     ``build`` returns a module whose ``forward(x (B, 3, H, W), upsample: bool)`` gives logits

@@ -17,6 +17,21 @@ from net.cam import CAMNet
 from net.factory import build_backbone
 
 
+def cam_optimizer(args: argparse.Namespace, max_step: int) -> Callable[[nn.Module], PolyOptimizer]:
+    """The CAM recipe's optimiser for a ``CAMNet``: poly over ``max_step`` steps, backbone at ``--cam_learning_rate``
+    and classifier at 10x (spec 3.3)."""
+
+    def make(model: nn.Module) -> PolyOptimizer:
+        backbone_params, head_params = model.param_groups()
+        lr = args.cam_learning_rate
+        return PolyOptimizer(
+            [{"params": backbone_params, "lr": lr}, {"params": head_params, "lr": 10 * lr}],
+            lr=lr, weight_decay=args.cam_weight_decay, max_step=max_step, momentum=args.cam_momentum,
+        )
+
+    return make
+
+
 class PlainCAM(CAMMethod):
     """``--cam_method cam``: ``net.cam.CAMNet`` (GAP + bias-free 1x1 conv), backbone at 1x and classifier at
     10x the learning rate (spec 3.3)."""
@@ -29,16 +44,7 @@ class PlainCAM(CAMMethod):
     def stages(self, args: argparse.Namespace, steps_per_epoch: int,
                poly_length: Callable[[int], int]) -> list[Stage]:
         steps = steps_per_epoch * args.cam_num_epoches
-
-        def optimizer(model: nn.Module) -> PolyOptimizer:
-            backbone_params, head_params = model.param_groups()
-            lr = args.cam_learning_rate
-            return PolyOptimizer(
-                [{"params": backbone_params, "lr": lr}, {"params": head_params, "lr": 10 * lr}],
-                lr=lr, weight_decay=args.cam_weight_decay, max_step=poly_length(steps), momentum=args.cam_momentum,
-            )
-
-        return [Stage(steps, optimizer)]
+        return [Stage(steps, cam_optimizer(args, poly_length(steps)))]
 
     def losses(self, net: nn.Module, imgs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"loss": F.multilabel_soft_margin_loss(net(imgs).float(), labels)}

@@ -56,10 +56,16 @@ class Backbone(nn.Module):
         """The modules of each of the five levels, in application order."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """``(B, 3, H, W)`` normalised RGB -> 5 maps ``(B, channels[i], ~H/strides[i], ~W/strides[i])``."""
+    def forward(self, x: Tensor, first_level: int = 0) -> list[Tensor]:
+        """``(B, 3, H, W)`` normalised RGB -> 5 maps ``(B, channels[i], ~H/strides[i], ~W/strides[i])``.
+
+        With ``first_level = k``, ``x`` is a level ``k - 1`` map and only levels ``k..4`` run (their maps are
+        returned): the upper part of the network on a feature map, e.g. a PPL patch (``net.ppl``).
+        """
         feats = []
         for i, modules in enumerate(self.level_modules()):
+            if i < first_level:
+                continue
             for module in modules:
                 x = module(x)
             if i == self.frozen_levels - 1:
