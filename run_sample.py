@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam_eval_thres", type=float, default=0.15)
     g.add_argument("--cam_eval_sweep", type=float, nargs="*", default=None, help="thresholds (default 0.05..0.95)")
     g.add_argument("--cam_scales", type=float, nargs="+", default=None)
+    g.add_argument("--cam_max_side", type=int, default=1280,
+                   help="make_cam scales a photo down so its largest scale's long side stays within this "
+                        "(a memory bound for huge photos; VOC and COCO at 2.0x stay below it)")
 
     g = p.add_argument_group("IRN and pseudo labels (spec 6-9)")
     thres_help = "default: the reference's {:.2f}, or calibrated with --calibrate_thresholds"
@@ -459,7 +462,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         elif weights and getattr(args, train_pass):
             parser.error(f"--{net}_weights and --{train_pass} true contradict: the given weights would be ignored")
     positive = ("cam_batch_size", "irn_batch_size", "deeplab_batch_size", "cam_num_epoches", "irn_num_epoches",
-                "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images")
+                "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images", "cam_max_side")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

@@ -34,11 +34,15 @@ class MultiScaleDataset(Dataset):
     """Per image: its label and one (2, 3, h_s, w_s) [image, h-flipped image] tensor per scale.
 
     Resizing (PIL bicubic on uint8, as the reference) happens in loader workers, off the device's path.
+    ``max_side``: an image whose largest scale would exceed this long side is first scaled down so that it
+    does not (every scale by the same factor), which bounds the network's memory on huge photos; the CAMs
+    are still written at the image's full size.
     """
 
-    def __init__(self, images: ImageDataset, scales: Sequence[float]) -> None:
+    def __init__(self, images: ImageDataset, scales: Sequence[float], max_side: int | None = None) -> None:
         self.images = images
         self.scales = tuple(scales)
+        self.max_side = max_side
 
     def __len__(self) -> int:
         return len(self.images)
@@ -47,8 +51,11 @@ class MultiScaleDataset(Dataset):
         item = self.images[index]
         img = item["img"]
         pairs = []
+        factor = 1.0
+        if self.max_side is not None:
+            factor = min(1.0, self.max_side / (max(img.shape[:2]) * max(self.scales)))
         for s in self.scales:
-            x = torch.from_numpy(hwc_to_chw(normalize(rescale(img, s, order=3))))
+            x = torch.from_numpy(hwc_to_chw(normalize(rescale(img, s * factor, order=3))))
             pairs.append(torch.stack([x, x.flip(-1)]))
         return {"name": item["name"], "label": item["label"], "size": img.shape[:2], "pairs": pairs}
 
@@ -102,7 +109,8 @@ def run(args: argparse.Namespace) -> None:
     labels = load_cls_labels(args.cls_labels, info.num_classes)
     # The weights are loaded (and checked) before a stale CAM is deleted.
     model = load_cam_net(args, device)
-    fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales, method=args.cam_method)
+    fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales, method=args.cam_method,
+                     max_side=args.cam_max_side)
     out_dir = prepare_output_dir(args.cam_out_dir, fp, "*.npz")
     todo = pending(read_id_list(args.train_list), out_dir, ".npz")
     if not todo:
@@ -111,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
     method = methods.cam_method(args)
     images = ImageDataset(info, todo, labels)
     loader = DataLoader(
-        MultiScaleDataset(images, args.cam_scales),
+        MultiScaleDataset(images, args.cam_scales, args.cam_max_side),
         batch_size=None,
         num_workers=args.num_workers,
         pin_memory=device.type == "cuda",

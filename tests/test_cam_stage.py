@@ -42,6 +42,21 @@ def test_multiscale_fusion_sums_flips_and_normalises():
     assert cam[0].argmax() == 0
 
 
+def test_huge_photos_are_scaled_down_within_max_side_and_cams_keep_full_size():
+    huge, small = np.zeros((3000, 2000, 3), np.uint8), np.zeros((300, 200, 3), np.uint8)
+    images = [{"name": n, "label": np.ones(2, np.float32), "img": img} for n, img in (("huge", huge), ("small", small))]
+    dataset = make_cam.MultiScaleDataset(images, (1.0, 0.5, 2.0), max_side=1200)
+    huge_item, small_item = dataset[0], dataset[1]
+    # The largest scale's long side lands on 1200; every scale shrinks by the same factor 1200 / 6000.
+    assert [tuple(p.shape[-2:]) for p in huge_item["pairs"]] == [(600, 400), (300, 200), (1200, 800)]
+    assert [tuple(p.shape[-2:]) for p in small_item["pairs"]] == [(300, 200), (150, 100), (600, 400)]
+    assert tuple(huge_item["size"]) == (3000, 2000)
+    model = ConstantCAM({(600, 400): torch.rand(3, 150, 100), (300, 200): torch.rand(3, 75, 50),
+                         (1200, 800): torch.rand(3, 300, 200)})
+    cam, high = multiscale_cam(PlainCAM(), model, huge_item["pairs"], (3000, 2000), torch.tensor([0]))
+    assert cam.shape == (1, 750, 500) and high.shape == (1, 3000, 2000)
+
+
 def test_scores_to_label_by_hand():
     scores = np.array([[[0.1, 0.9], [0.5, 0.2]], [[0.3, 0.1], [0.6, 0.1]]], np.float32)  # classes 4 and 11
     label = scores_to_label(scores, np.array([4, 11]), 0.25)
