@@ -30,6 +30,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 import yaml
+from tqdm import tqdm
 
 import dataset
 import methods
@@ -659,6 +660,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.seed_everything(args.seed)
         run_pipeline(args)
     except UserError as e:
+        # A progress bar the error interrupted is ended first, so the error starts a line of its own.
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0

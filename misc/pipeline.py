@@ -158,14 +158,17 @@ def epoch_loader(data: TrainData, epoch: int, skip: int, stop: int) -> DataLoade
 
 
 class TrainLog:
-    """Per-step training record ``<weights>.log.jsonl`` (rank 0): step, learning rates, losses averaged over ranks.
+    """Per-step training record (rank 0): step, learning rates, losses averaged over ranks.
 
-    A run resumed at step ``resume_step`` keeps the rows up to that step (the steps an interrupted run took
-    after its last checkpoint are taken again, and logged once), so the log equals an uninterrupted run's.
+    While a run trains, its rows go to ``path`` (``misc.train`` names it after the run's checkpoint), so a
+    retraining that fails leaves the finished weights' own log ``<weights>.log.jsonl`` untouched; the final
+    save moves it there. A run resumed at step ``resume_step`` keeps the rows up to that step (the steps an
+    interrupted run took after its last checkpoint are taken again, and logged once), so the log equals an
+    uninterrupted run's.
     """
 
-    def __init__(self, weights: str | os.PathLike, resume_step: int = 0) -> None:
-        self.path = Path(weights).with_name(Path(weights).name + ".log.jsonl")
+    def __init__(self, path: str | os.PathLike, resume_step: int = 0) -> None:
+        self.path = Path(path)
         if dist.is_main():
             kept = []
             if resume_step and self.path.is_file():

@@ -73,7 +73,7 @@ def train(
     """Train ``model`` through ``stages`` on ``data``, resuming from ``out``'s checkpoint of fingerprint ``fp``.
 
     ``losses(net, batch)`` runs the (possibly DDP-wrapped) network on a batch and returns named scalar
-    losses; the first one is optimised and all are logged to ``<out>.log.jsonl``. A checkpoint is written
+    losses; the first one is optimised and all are logged (``log_path(out)`` once saved). A checkpoint is written
     every ``ckpt_every`` steps (default: at every epoch end) and at every stage end; ``end_of_epoch(epoch)``
     runs on rank 0 after each epoch (e.g. a validation pass). Does not save the final weights
     (:func:`save_trained`), so a step can still post-process the model.
@@ -98,10 +98,11 @@ def train(
         step, stage_index, optimizer = _resume(ckpt, model, stages, fp)
         log.info("resuming from %s (step %d of %d, stage %d of %d)", ckpt, step, total, stage_index + 1, len(stages))
     elif dist.is_main():
-        # Checkpoints of other settings can never resume this run: they would only fill the disk.
-        for stale in out.parent.glob(f"{out.stem}.*.ckpt"):
-            stale.unlink()
-    train_log = TrainLog(out, resume_step=step)
+        # Checkpoints (and logs) of other settings can never resume this run: they would only fill the disk.
+        for stale in [*out.parent.glob(f"{out.stem}.*.ckpt"), *out.parent.glob(f"{out.stem}.*.log.jsonl")]:
+            if stale != log_path(out):
+                stale.unlink()
+    train_log = TrainLog(progress_log_path(out, fp), resume_step=step)
     net = DistributedDataParallel(model) if world > 1 else model
     model.train()
     bar = tqdm(total=total, initial=step, desc=out.stem, disable=not dist.is_main(), mininterval=2)
@@ -154,11 +155,22 @@ def checkpoint_path(out: Path, fp: str) -> Path:
     return out.with_suffix(f".{fp}.ckpt")
 
 
+def progress_log_path(out: Path, fp: str) -> Path:
+    """The log of a run in progress, beside its checkpoint; ``save_trained`` moves it to :func:`log_path`."""
+    return out.with_suffix(f".{fp}.log.jsonl")
+
+
+def log_path(out: Path) -> Path:
+    """The training log of the saved weights ``out``: ``<out>.log.jsonl``."""
+    return out.with_name(out.name + ".log.jsonl")
+
+
 def save_trained(model: nn.Module, out: Path, fp: str) -> None:
     """Write the final weights atomically, stamp them with ``fp`` and drop the resume checkpoint (rank 0)."""
     if dist.is_main():
         with atomic_write(out) as f:
             torch.save(model.state_dict(), f)
+        progress_log_path(out, fp).replace(log_path(out))
         mark_done(out, fp)
         checkpoint_path(out, fp).unlink(missing_ok=True)
         log.info("saved %s", out)
