@@ -211,8 +211,10 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 
 
 def _losses(out_dir: Path) -> dict[int, float]:
-    """Step -> loss of the per-step training log of ``out_dir/deeplab.pth``."""
-    lines = (out_dir / "deeplab.pth.log.jsonl").read_text().splitlines()
+    """Step -> loss of the per-step training log of ``out_dir/deeplab.pth`` (or of its run in progress)."""
+    saved = out_dir / "deeplab.pth.log.jsonl"
+    (path,) = [saved] if saved.is_file() else list(out_dir.glob("deeplab.*.log.jsonl"))
+    lines = path.read_text().splitlines()
     return {row["step"]: row["loss"] for row in map(json.loads, lines)}
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import run_sample
 from methods.ppl import PPL
-from misc.train import TrainData, train
+from misc.train import TrainData, progress_log_path, train
 from net.backbone import Backbone
 from net.factory import build_backbone
 from net.ppl import PPLNet, merge_patches, split_patches
@@ -174,7 +174,8 @@ def test_progressive_stages_move_the_patch_point_restart_the_lr_and_resume_mid_s
     levels: list[int] = []
     whole = _train(tmp_path / "a", levels)
     assert levels == [1] * 4 + [2] * 2 + [3] * 4
-    lrs = [json.loads(line)["lr"][0] for line in (tmp_path / "a" / "ppl.pth.log.jsonl").read_text().splitlines()]
+    log = progress_log_path(tmp_path / "a" / "ppl.pth", "fp")  # train() alone leaves the log of a run in progress
+    lrs = [json.loads(line)["lr"][0] for line in log.read_text().splitlines()]
     # Poly restarts at each stage and spans that stage alone: lr0 * (1 - t / T)^0.9 with T its 4, 2, 4 steps.
     expected = [0.01 * (1 - t / n) ** 0.9 for n in (4, 2, 4) for t in range(n)]
     assert lrs == pytest.approx(expected)
