@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--amp", type=str2bool, default=True, help="mixed precision on CUDA (ignored on CPU)")
+    g.add_argument("--max_image_side", type=int, default=2048,
+                   help="photos (and their masks) with a longer side are scaled down to it when read, by every "
+                        "step: a memory bound for huge photos (VOC, COCO and Cityscapes are within it)")
     g.add_argument("--demo_size", type=int, nargs=3, default=(200, 80, 80), metavar=("TRAIN_AUG", "TRAIN", "VAL"))
     g.add_argument(
         "--demo_context_bias",
@@ -463,7 +466,8 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         elif weights and getattr(args, train_pass):
             parser.error(f"--{net}_weights and --{train_pass} true contradict: the given weights would be ignored")
     positive = ("cam_batch_size", "irn_batch_size", "deeplab_batch_size", "cam_num_epoches", "irn_num_epoches",
-                "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images", "cam_max_side")
+                "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images", "cam_max_side",
+                "max_image_side")
     for name in positive:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")

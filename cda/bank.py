@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from dataset.base import DatasetInfo, read_image
+from dataset.base import DatasetInfo
 from misc.errors import UserError
 from misc.io import atomic_write, load_png, save_json
 
@@ -105,7 +105,7 @@ def build_bank(
         rel = _rel_path(info, c, image_id)
         # Reading the mask is cheap; only the JPEG decode and the write are skipped on resume.
         if not (bank_dir / rel).is_file():
-            img = read_image(info.image(image_id))
+            img = info.read_photo(image_id)
             if img.shape[:2] != mask.shape:
                 raise UserError(
                     f"pseudo mask {Path(pseudo_mask_dir) / f'{image_id}.png'} is {mask.shape}, but the image "

@@ -30,7 +30,6 @@ from PIL import Image
 from scipy import ndimage
 
 from cda.bank import load_object
-from dataset.base import read_image
 from dataset.samples import ClassificationDataset
 
 # A bank entry is a path to a ``.npz`` written by ``cda.bank`` or an in-memory ``(img, seg)`` pair.
@@ -207,7 +206,7 @@ class CompositeDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.base.ids[index]
-        img = read_image(self.base.info.image(name))
+        img = self.base.info.read_photo(name)
         label = np.asarray(self.base.labels[name], dtype=np.float32)
         comp, comp_label, _ = make_composite(img, label, self.bank, self._rng(index, 1), **self.composite_options)
         return {

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from misc.errors import UserError
+from misc.imutils import rescale
 from misc.io import atomic_write, load_png
 from misc.labels import IGNORE
 
@@ -83,8 +84,21 @@ class DatasetInfo:
     default_lists: ClassVar[Mapping[str, tuple[str, ...]]]
     root_flag: ClassVar[str] = "--data_root"
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, max_side: int | None = None) -> None:
         self.root = Path(root)
+        self.max_side = max_side
+
+    def fit(self, array: np.ndarray, order: int) -> np.ndarray:
+        """Scale a photo (``order`` 3, bicubic) or label map (0, nearest) ``(H, W[, 3])`` down so that its long
+        side is at most ``max_side`` (``--max_image_side``): the working resolution of every step, which bounds
+        their memory on huge photos. Unchanged when it fits; a photo and its masks get the same size."""
+        if self.max_side is None or max(array.shape[:2]) <= self.max_side:
+            return array
+        return rescale(array, self.max_side / max(array.shape[:2]), order)
+
+    def read_photo(self, image_id: str) -> np.ndarray:
+        """The photo of ``image_id``, uint8 RGB ``(H, W, 3)`` at the working resolution (:meth:`fit`)."""
+        return self.fit(read_image(self.image(image_id)), 3)
 
     # ---- classes and label encoding
 
@@ -150,17 +164,30 @@ class DatasetInfo:
         return self.seg_class(image_id).is_file()
 
     def read_mask(self, image_id: str) -> np.ndarray:
-        """The ground-truth mask of ``image_id`` as uint8 ``(H, W)`` in this dataset's encoding."""
+        """The ground-truth mask of ``image_id`` as uint8 ``(H, W)`` in this dataset's encoding, at the working
+        resolution (:meth:`fit`)."""
+        return self.fit(self.load_mask(image_id), 0)
+
+    def load_mask(self, image_id: str) -> np.ndarray:
+        """``read_mask`` at the file's own size (what a dataset with another encoding overrides)."""
         return load_png(self.seg_class(image_id))
+
+    def read_instances(self, image_id: str) -> np.ndarray:
+        """The instance mask (``seg_object``) of ``image_id`` at the working resolution."""
+        return self.fit(load_png(self.seg_object(image_id)), 0)
 
     def has_training_mask(self, image_id: str) -> bool:
         """Whether ``read_training_mask(image_id)`` has a file to read."""
         return self.has_mask(image_id)
 
     def read_training_mask(self, image_id: str) -> np.ndarray:
-        """The ground truth a fully supervised segmenter trains on (the upper bound): ``read_mask`` unless the
-        dataset has extra training masks (VOC's SBD)."""
-        return self.read_mask(image_id)
+        """The ground truth a fully supervised segmenter trains on (the upper bound), at the working resolution."""
+        return self.fit(self.load_training_mask(image_id), 0)
+
+    def load_training_mask(self, image_id: str) -> np.ndarray:
+        """``read_training_mask`` at the file's size: ``load_mask`` unless the dataset has extra training
+        masks (VOC's SBD)."""
+        return self.load_mask(image_id)
 
     # ---- lists and image-level labels
 

@@ -55,8 +55,8 @@ class Cityscapes(DatasetInfo):
                      "eval_list": ("val",), "test_list": ("test",)}
     root_flag = "--data_root"
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        super().__init__(root)
+    def __init__(self, root: str | os.PathLike, max_side: int | None = None) -> None:
+        super().__init__(root, max_side)
         self._split_cache: dict[str, str] = {}
 
     @property
@@ -106,7 +106,7 @@ class Cityscapes(DatasetInfo):
     def has_mask(self, image_id: str) -> bool:
         return self.seg_class(image_id).is_file() or self.label_ids(image_id).is_file()
 
-    def read_mask(self, image_id: str) -> np.ndarray:
+    def load_mask(self, image_id: str) -> np.ndarray:
         """trainIds uint8 ``(H, W)``: the labelTrainIds PNG, else the labelIds PNG converted."""
         return self._read_train_ids(self.label_source(image_id))
 

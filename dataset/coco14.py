@@ -42,8 +42,8 @@ class COCO14(DatasetInfo):
                      "eval_list": ("train",), "test_list": ("test",)}
     root_flag = "--data_root"
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        super().__init__(root)
+    def __init__(self, root: str | os.PathLike, max_side: int | None = None) -> None:
+        super().__init__(root, max_side)
         self._folder_cache: dict[str, str] = {}
 
     def check(self) -> COCO14:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dataset.base import DatasetInfo, read_image
+from dataset.base import DatasetInfo
 from misc import imutils
 from misc.errors import UserError
 from misc.io import load_png
@@ -105,7 +105,7 @@ class ClassificationDataset(_SeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.ids[index]
-        img = self.transform(read_image(self.info.image(name)), self.rng(index))
+        img = self.transform(self.info.read_photo(name), self.rng(index))
         return {
             "name": name,
             "img": torch.from_numpy(img),
@@ -130,7 +130,7 @@ class ImageDataset(_IdDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.ids[index]
-        item: dict[str, Any] = {"name": name, "img": read_image(self.info.image(name))}
+        item: dict[str, Any] = {"name": name, "img": self.info.read_photo(name)}
         if self.labels is not None:
             item["label"] = np.asarray(self.labels[name], dtype=np.float32)
         return item
@@ -176,7 +176,7 @@ class SegmentationDataset(_SeededDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.ids[index]
-        img = read_image(self.info.image(name))
+        img = self.info.read_photo(name)
         if self.label_dir is None:
             label_path, label = self.info.seg_class(name), self.info.read_training_mask(name)
         else:

@@ -62,10 +62,10 @@ class VOC12(DatasetInfo):
     def has_training_mask(self, image_id: str) -> bool:
         return self.seg_class_aug(image_id).is_file() or self.has_mask(image_id)
 
-    def read_training_mask(self, image_id: str) -> np.ndarray:
+    def load_training_mask(self, image_id: str) -> np.ndarray:
         """SBD's ``SegmentationClassAug`` mask (it covers train_aug) when present, else ``SegmentationClass``."""
         aug = self.seg_class_aug(image_id)
-        return load_png(aug) if aug.is_file() else self.read_mask(image_id)
+        return load_png(aug) if aug.is_file() else self.load_mask(image_id)
 
     def annotation(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import dataset
-from dataset.base import read_id_list, read_image
+from dataset.base import read_id_list
 from methods.base import Refiner
 from misc import dist
 from misc.convert import load_weights
@@ -93,7 +93,7 @@ class IRNInference:
         self.device = device
 
     def __call__(self, image_id: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        img = read_image(self.info.image(image_id))
+        img = self.info.read_photo(image_id)
         x = torch.from_numpy(hwc_to_chw(normalize(img)))[None].to(self.device)
         edge, disp = edge_and_displacement(self.model, x)
         return img, edge.float(), disp.float()

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 import dataset
-from dataset.base import DatasetInfo, read_id_list, read_image
+from dataset.base import DatasetInfo, read_id_list
 from misc.errors import UserError
 from misc.io import atomic_write, latest_metrics, load_cam, load_png
 from misc.metrics import confusion_matrix, segmentation_scores
@@ -202,7 +202,7 @@ class Gallery:
     def row(self, image_id: str, segmenter_dir: Path | None = None) -> str:
         """One image: photo, ground truth, CAM per class, IR seeds, pseudo mask (and the segmenter's prediction)."""
         info = self.info
-        img = read_image(info.image(image_id))
+        img = info.read_photo(image_id)
         gt = info.read_mask(image_id) if info.has_mask(image_id) else None
         tiles = [self._tile(image_id, "image", img, False, image_id)]
         if gt is not None:
@@ -271,7 +271,7 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
         raise UserError(f"{work_dir} has no config.yaml: it is not the work dir of a run (or a run from before "
                         "config.yaml existed; re-run it to write one).")
     resolved = config.get("_resolved", {})
-    info = dataset.get_dataset(config["dataset"], config["_dataset"]["root"])
+    info = dataset.get_dataset(config["dataset"], config["_dataset"]["root"], config.get("max_image_side"))
     assets = work_dir / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     metrics = latest_metrics(work_dir)

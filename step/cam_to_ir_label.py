@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import dataset
-from dataset.base import read_id_list, read_image
+from dataset.base import read_id_list
 from misc import dist
 from misc.crf import ir_label_from_cam
 from misc.io import load_cam, save_png
@@ -25,11 +25,11 @@ from misc.thresholds import thresholds
 log = logging.getLogger("wsss")
 
 
-def _make_ir_label(image_id: str, *, dataset_name: str, root: str, cam_dir: str, out_dir: str, fg: float,
-                   bg: float) -> str:
-    info = dataset.get_dataset(dataset_name, root)
+def _make_ir_label(image_id: str, *, dataset_name: str, root: str, max_side: int | None, cam_dir: str, out_dir: str,
+                   fg: float, bg: float) -> str:
+    info = dataset.get_dataset(dataset_name, root, max_side)
     cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
-    label = ir_label_from_cam(read_image(info.image(image_id)), cams["high_res"], cams["keys"], fg, bg)
+    label = ir_label_from_cam(info.read_photo(image_id), cams["high_res"], cams["keys"], fg, bg)
     save_png(Path(out_dir) / f"{image_id}.png", label, info.palette)
     return image_id
 
@@ -42,7 +42,8 @@ def run(args: argparse.Namespace) -> None:
     fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), fg=fg, bg=bg)
     out_dir = prepare_output_dir(args.ir_label_out_dir, fp, "*.png")
     todo = pending(ids, out_dir, ".png")
-    job = partial(_make_ir_label, dataset_name=args.dataset, root=args.data_root, cam_dir=args.cam_out_dir,
+    job = partial(_make_ir_label, dataset_name=args.dataset, root=args.data_root, max_side=args.max_image_side,
+                  cam_dir=args.cam_out_dir,
                   out_dir=str(out_dir), fg=fg, bg=bg)
     bar = tqdm(total=len(todo), desc="cam_to_ir_label", disable=not dist.is_main(), mininterval=2)
     if args.num_workers <= 1:

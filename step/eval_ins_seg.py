@@ -15,7 +15,7 @@ import dataset
 from dataset.base import read_id_list
 from misc import dist
 from misc.instances import coco_json
-from misc.io import load_png, save_json
+from misc.io import save_json
 from misc.metrics import instance_ap, instances_from_voc
 from misc.pipeline import record, require_files, split_name
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> None:
     by_id = dict(zip(ids, detections, strict=True))
     gt_masks, gt_labels, gt_void = [], [], []
     for image_id in have_gt:
-        seg_object, seg_class = load_png(info.seg_object(image_id)), info.read_mask(image_id)
+        seg_object, seg_class = info.read_instances(image_id), info.read_mask(image_id)
         masks, labels = instances_from_voc(seg_object, seg_class)
         gt_masks.append(masks)
         gt_labels.append(labels)

@@ -20,7 +20,7 @@ from scipy import ndimage
 import dataset
 from cda.bank import INDEX_NAME, build_bank, format_counts, load_bank_index
 from cda.composite import Bank, make_composite
-from dataset.base import DatasetInfo, read_id_list, read_image
+from dataset.base import DatasetInfo, read_id_list
 from dataset.labels import load_cls_labels
 from misc import dist
 from misc.io import atomic_write
@@ -60,7 +60,7 @@ def write_composite_grid(args: argparse.Namespace, info: DatasetInfo, ids: list[
     for k, i in enumerate(sorted(picked)):
         label = labels[ids[i]]
         comp, new_label, paste = make_composite(
-            read_image(info.image(ids[i])), label, bank, rng,
+            info.read_photo(ids[i]), label, bank, rng,
             max_size=args.cda_max_size, max_angle=args.cda_max_angle, mask_order=args.cda_mask_order,
         )  # fmt: skip
         added = np.flatnonzero(new_label > label)

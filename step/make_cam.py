@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> None:
     # The weights are loaded (and checked) before a stale CAM is deleted.
     model = load_cam_net(args, device)
     fp = fingerprint(weights=weights_fingerprint(weights), scales=args.cam_scales, method=args.cam_method,
-                     max_side=args.cam_max_side)
+                     max_side=args.cam_max_side, max_image_side=args.max_image_side)
     out_dir = prepare_output_dir(args.cam_out_dir, fp, "*.npz")
     todo = pending(read_id_list(args.train_list), out_dir, ".npz")
     if not todo:

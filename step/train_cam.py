@@ -27,7 +27,7 @@ log = logging.getLogger("wsss")
 
 TRAINING_SETTINGS = ("cam_method", "cam_batch_size", "cam_num_epoches", "cam_learning_rate", "cam_weight_decay",
                      "cam_momentum", "cam_crop_size", "cam_resize_long", "cam_aug", "cda_max_size", "cda_max_angle",
-                     "cda_mask_order", "cda_schedule", "backbone", "backbone_weights", "seed")
+                     "cda_mask_order", "cda_schedule", "backbone", "backbone_weights", "seed", "max_image_side")
 
 
 def _dataset(args: argparse.Namespace, list_file: str, augment: bool, composites: bool) -> torch.utils.data.Dataset:

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> None:
     settings = {"segmenter": args.segmenter, **{k: getattr(args, k) for k in segmenter.settings},
                 "iters": args.deeplab_iters, "batch_size": args.deeplab_batch_size, "lr": args.deeplab_learning_rate,
                 "weight_decay": args.deeplab_weight_decay, "crop_size": args.deeplab_crop_size,
-                "weights": args.deeplab_weights, "seed": args.seed,
+                "weights": args.deeplab_weights, "seed": args.seed, "max_image_side": args.max_image_side,
                 "train": content_fingerprint(args.deeplab_train_list)}
     # New pseudo masks under the same path must retrain: the folder's fingerprint changes with them.
     fp = fingerprint(**settings, labels="gt" if labels is None else dir_fingerprint(labels, "make_sem_seg_labels"))

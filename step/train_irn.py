@@ -28,7 +28,7 @@ from net.irn import estimate_mean_shift
 log = logging.getLogger("wsss")
 
 TRAINING_SETTINGS = ("irn_crop_size", "irn_batch_size", "irn_num_epoches", "irn_learning_rate", "irn_weight_decay",
-                     "irn_momentum", "backbone", "backbone_weights", "seed")
+                     "irn_momentum", "backbone", "backbone_weights", "seed", "max_image_side")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -246,3 +246,27 @@ def test_cityscapes_lists_and_labels(city_root: Path, tmp_path: Path) -> None:
     labels = resolve_labels(info, ids, tmp_path / "labels.tsv")
     assert {i: set(np.flatnonzero(labels[i]).tolist()) for i in ids} == {
         CITY_TRAIN[0]: {0, 18}, CITY_TRAIN[1]: {13, 18}, CITY_VAL: set(range(19))}
+
+
+def test_max_side_scales_photos_and_masks_alike(tmp_path: Path) -> None:
+    root = tmp_path / "VOC2012"
+    (root / "JPEGImages").mkdir(parents=True)
+    photo = np.random.default_rng(0).integers(0, 255, (1500, 900, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(root / "JPEGImages" / "big.jpg")
+    mask = np.zeros((1500, 900), np.uint8)
+    mask[300:900, 100:500] = 12
+    mask[1400:, :] = 255
+    save_png(root / "SegmentationClass" / "big.png", mask, demo.voc_palette())
+    save_png(root / "SegmentationObject" / "big.png", (mask == 12).astype(np.uint8), demo.voc_palette())
+
+    full = get_dataset("voc12", root)
+    assert full.read_photo("big").shape == (1500, 900, 3) and np.array_equal(full.read_mask("big"), mask)
+    capped = get_dataset("voc12", root, max_side=500)
+    img, gt = capped.read_photo("big"), capped.read_mask("big")
+    assert img.shape == (500, 300, 3) and gt.shape == (500, 300)
+    assert capped.read_training_mask("big").shape == capped.read_instances("big").shape == (500, 300)
+    # Nearest: no value appears that the mask did not hold, and the object keeps its place (rows 100-300).
+    assert set(np.unique(gt)) == {0, 12, 255}
+    rows = np.nonzero((gt == 12).any(1))[0]
+    assert rows.min() == 100 and rows.max() == 299
+    assert get_dataset("voc12", root, max_side=2000).read_photo("big").shape == (1500, 900, 3)

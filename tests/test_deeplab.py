@@ -112,7 +112,7 @@ def make_args(tmp: Path, **overrides: object) -> argparse.Namespace:
         deeplab_train_list=str(lists / "train.txt"), deeplab_gt=True, deeplab_arch="v2", deeplab_backbone="resnet50",
         deeplab_weights="none", deeplab_output_stride=16, deeplab_crop_size=32, deeplab_batch_size=4,
         deeplab_iters=30, deeplab_learning_rate=0.01, deeplab_weight_decay=5e-4, deeplab_ckpt_every=1000,
-        deeplab_eval_scales=[0.75, 1.0, 1.25], deeplab_crf=False, make_test_submission=False,
+        deeplab_eval_scales=[0.75, 1.0, 1.25], deeplab_crf=False, make_test_submission=False, max_image_side=None,
     )
     fields.update(overrides)
     return argparse.Namespace(**fields)
