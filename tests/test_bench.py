@@ -67,3 +67,14 @@ def test_demo_report_keeps_arms_postprocessing_and_the_first_runs_times_apart(tm
     assert values[("DeepLab val mIoU, CRF", "cda")] == [53.0] and values[("DeepLab val mIoU", "cda")] == [47.0]
     assert values[("DeepLab val mIoU, CRF", "baseline")] == [44.0]
     assert seconds == {("baseline", "make_cls_labels"): 0.5, ("cda", "train_deeplab"): 100.0}
+
+
+def test_demo_runs_sections_are_replaced_by_name(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    demo_runs.write_section(doc, "demo numbers")
+    demo_runs.write_section(doc, "photo numbers", "photos", "Real photos")
+    demo_runs.write_section(doc, "newer photo numbers", "photos", "Real photos")
+    text = doc.read_text()
+    assert "demo numbers" in text and "newer photo numbers" in text and "\nphoto numbers" not in text
+    assert text.count("## Real photos") == 1 and text.count("<!-- photos:start -->") == 1
+    assert text.index("<!-- demo:start -->") < text.index("<!-- photos:start -->")
