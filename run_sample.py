@@ -40,6 +40,7 @@ from misc import dist
 from misc.errors import UserError, user_message
 from misc.flags import str2bool
 from misc.io import atomic_write, latest_metrics
+from misc.metrics import headline
 from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
 from net.backbone import read_checkpoint
@@ -627,9 +628,9 @@ def summary_table(work_dir: str | os.PathLike) -> str:
         for line in timings.read_text().splitlines():
             t = json.loads(line)
             times[(t["variant"], t["step"])] = t["seconds"]
-    lines = [f"{'variant':<9} {'step':<14} {'split':<7} {'metric':<12} {'value':>7}  {'extra'}"]
+    lines = [f"{'variant':<9} {'step':<14} {'split':<7} {'metric':<17} {'value':>7}  {'extra'}"]
     for (variant, step, post), row in latest.items():
-        metric, value = ("mAP@0.5", row["map"]) if "map" in row else ("mIoU", row["miou"])
+        metric, value = headline(row)
         extra = []
         if "threshold" in row:
             extra.append(f"thres={row['threshold']}")
@@ -637,7 +638,10 @@ def summary_table(work_dir: str | os.PathLike) -> str:
             extra.append(post)
         if "ignored" in row:
             extra.append(f"(labelled pixels; {100 * row['ignored']:.0f}% ignored)")
-        lines.append(f"{variant:<9} {step:<14} {row.get('split', '-'):<7} {metric:<12} {value:7.2f}  {' '.join(extra)}")
+        if "fg_recall" in row:
+            extra.append(" ".join(f"{k}={row[k]:.1f}" for k in ("fg_recall", "bg_precision", "bg_recall", "labelled")
+                                  if row[k] is not None))
+        lines.append(f"{variant:<9} {step:<14} {row.get('split', '-'):<7} {metric:<17} {value:7.2f}  {' '.join(extra)}")
     if times:
         lines.append("")
         lines.append(f"{'variant':<9} {'step':<22} {'seconds':>8}")

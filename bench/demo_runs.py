@@ -6,8 +6,8 @@
 
 Each seed is one ``run_sample.py`` run (baseline round, CDA round, DeepLab) in ``<root>/seed<N>``, then
 a ``--cda false`` run in the same folder that reuses the baseline round and trains DeepLab on its masks
-(the baseline column's DeepLab rows), and for each arm a ``--deeplab_crf false`` run that only adds the
-raw ``msf`` evaluation; the first seed also trains DeepLab on ground truth (the fully supervised upper
+(the baseline column's DeepLab rows; eval_deeplab records the raw ``msf`` and the ``msf+crf`` rows from one
+inference); the first seed also trains DeepLab on ground truth (the fully supervised upper
 bound). The report gives mean and standard deviation over seeds for both arms, the trivial baselines on
 the same evaluation split, and the wall time of every step of seed 0's first run.
 """
@@ -77,6 +77,10 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
                 ("best CAM threshold", "eval_cam", "best_threshold", {}),
                 ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
                 ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
+                ("IR seeds: fg precision", "eval_ir_label", "fg_precision", {}),
+                ("IR seeds: fg recall", "eval_ir_label", "fg_recall", {}),
+                ("IR seeds: bg precision", "eval_ir_label", "bg_precision", {}),
+                ("IR seeds: bg recall", "eval_ir_label", "bg_recall", {}),
                 ("pseudo-mask mIoU", "eval_sem_seg", "miou", {"postprocess": None}),
                 ("DeepLab's masks: mIoU of labelled pixels", "eval_sem_seg", "miou",
                  {"postprocess": "ignore_uncertain"}),
@@ -87,7 +91,7 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
                 ("DeepLab val mIoU, CRF", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf+crf"}),
             ):
                 row = latest(rows, step, variant, **match)
-                if row is not None:
+                if row is not None and row[key] is not None:
                     value = max(row["sweep"].values()) if key == "sweep" else row[key]
                     value = 100 * value if key == "ignored" else value
                     values[(stage, variant)].append(value)
@@ -126,7 +130,8 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
         "| stage | baseline (IRNet) | CDA |",
         "| --- | --- | --- |",
     ]
-    stages = ["best CAM threshold", "CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "pseudo-mask mIoU",
+    stages = ["best CAM threshold", "CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "IR seeds: fg precision",
+              "IR seeds: fg recall", "IR seeds: bg precision", "IR seeds: bg recall", "pseudo-mask mIoU",
               "DeepLab's masks: mIoU of labelled pixels", "DeepLab's masks: % of pixels ignored",
               "instance mAP@0.5", "DeepLab val mIoU", "DeepLab val mIoU, CRF"]
     for stage in stages:
@@ -183,13 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         works = [args.root / f"seed{seed}" for seed in args.seeds]
     else:
         works = [run_seed(args.root, seed, args.extra) for seed in args.seeds]
-        arms = [[]] if args.no_baseline_deeplab else [[], ["--cda", "false"]]
-        for seed in args.seeds:
-            for arm in arms:
-                if arm:  # the default arm ran above
-                    run_seed(args.root, seed, [*args.extra, *arm])
-                # The raw multi-scale row beside the default msf+crf one; everything else resumes.
-                run_seed(args.root, seed, [*args.extra, *arm, "--deeplab_crf", "false"])
+        if not args.no_baseline_deeplab:
+            for seed in args.seeds:
+                run_seed(args.root, seed, [*args.extra, "--cda", "false"])
         if not args.no_upper_bound:
             run_seed(args.root, args.seeds[0], [*args.extra, "--deeplab_gt", "true"])
     data_root = args.data_root or works[0] / "demo_voc12"

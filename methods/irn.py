@@ -1,8 +1,9 @@
 """IRNet's refiner (spec 6-8): confident seeds -> IRN (boundaries, displacements) -> random walk of the CAMs.
 
-Its steps: ``cam_to_ir_label`` (seeds), ``train_irn``, ``make_sem_seg_labels`` (semantic pseudo masks),
-``eval_sem_seg``, ``make_ins_seg_labels`` (instance pseudo labels), ``eval_ins_seg``. What the steps share
-lives here: the IRN builder and its losses, the trained network's inference, and the random walk.
+Its steps: ``cam_to_ir_label`` (seeds), ``eval_ir_label`` (their precision / recall), ``train_irn``,
+``make_sem_seg_labels`` (semantic pseudo masks), ``eval_sem_seg``, ``make_ins_seg_labels`` (instance pseudo
+labels), ``eval_ins_seg``. What the steps share lives here: the IRN builder and its losses, the trained
+network's inference, and the random walk.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class IRNRefiner(Refiner):
     name = "irn"
     steps = (
         ("cam_to_ir_label", "cam_to_ir_label"),
+        ("eval_ir_label", "eval_ir_label"),
         ("train_irn", "train_irn"),
         ("make_sem_seg", "make_sem_seg_labels"),
         ("eval_sem_seg", "eval_sem_seg"),

@@ -85,6 +85,68 @@ def segmentation_scores(conf: np.ndarray, class_names: Sequence[str]) -> dict:
     }
 
 
+def seed_confusion(gt: np.ndarray, seeds: np.ndarray, num_classes: int, ignore: int = 255) -> np.ndarray:
+    """Confusion counts of sparse seeds against the GT: ``conf[g, p]`` for seed class ``p`` in
+    ``0..num_classes-1`` and ``conf[g, num_classes]`` for GT pixels the seeds leave unlabelled (``ignore``).
+
+    gt, seeds: int (H, W). GT pixels equal to ``ignore`` are skipped. Returns int64 (C, C + 1); sum it over images.
+    """
+    seeds = np.where(np.asarray(seeds) == ignore, num_classes, seeds)
+    gt = np.asarray(gt).astype(np.int64)
+    valid = gt != ignore
+    if seeds.shape != gt.shape:
+        raise ValueError(f"gt and seeds differ in size: {gt.shape} vs {seeds.shape}")
+    if valid.any() and gt[valid].max() >= num_classes:
+        raise ValueError(f"GT values must be in 0..{num_classes - 1} or {ignore}")
+    pairs = gt[valid] * (num_classes + 1) + seeds[valid].astype(np.int64)
+    return np.bincount(pairs, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+
+
+def seed_scores(conf: np.ndarray, class_names: Sequence[str]) -> dict:
+    """Precision and recall of confident seeds from a :func:`seed_confusion` sum (class 0 is background).
+
+    ``fg_precision``: of the pixels seeded with an object class, the share whose GT is that class;
+    ``fg_recall``: of the GT object pixels, the share seeded with their class; ``bg_*`` the same for class 0
+    (pixel counts pooled over classes); ``labelled``: the share of valid pixels that carry a seed. Per class
+    precision / recall as in :func:`segmentation_scores` (recall against every GT pixel, seeded or not).
+    All values are percentages (None where undefined).
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    n = len(class_names)
+    if conf.shape != (n, n + 1):
+        raise ValueError(f"seed confusion {conf.shape} does not match {n} class names (expected ({n}, {n + 1}))")
+    tp = np.diag(conf[:, :n])
+    seeded = conf[:, :n].sum(axis=0)
+    gt_count = conf.sum(axis=1)
+    present = (gt_count + seeded) > 0
+
+    def pooled(num: float, den: float) -> float | None:
+        return float(100.0 * num / den) if den > 0 else None
+
+    precision = _ratio(tp, seeded, present)
+    recall = _ratio(tp, gt_count, present)
+    return {
+        "fg_precision": pooled(tp[1:].sum(), seeded[1:].sum()),
+        "fg_recall": pooled(tp[1:].sum(), gt_count[1:].sum()),
+        "bg_precision": pooled(tp[0], seeded[0]),
+        "bg_recall": pooled(tp[0], gt_count[0]),
+        "labelled": pooled(seeded.sum(), conf.sum()),
+        "precision": {name: _pct(v) for name, v in zip(class_names, precision, strict=True)},
+        "recall": {name: _pct(v) for name, v in zip(class_names, recall, strict=True)},
+        "mean_precision": _mean_pct(precision),
+        "mean_recall": _mean_pct(recall),
+    }
+
+
+def headline(row: dict) -> tuple[str, float]:
+    """The one number a metrics row is known by: (metric name, value)."""
+    if "map" in row:
+        return "mAP@0.5", row["map"]
+    if "fg_precision" in row:
+        return "fg seed precision", row["fg_precision"] or 0.0
+    return "mIoU", row["miou"]
+
+
 def instances_from_voc(seg_object: np.ndarray, seg_class: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """GT instances of one VOC image from its ``SegmentationObject`` and ``SegmentationClass`` PNGs.
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from misc import dist
 from misc.errors import UserError
 from misc.io import TMP_SUFFIX, atomic_write, record_metrics, save_json
-from misc.metrics import confusion_matrix, segmentation_scores
+from misc.metrics import confusion_matrix, headline, segmentation_scores
 
 if TYPE_CHECKING:
     from dataset.base import DatasetInfo
@@ -247,8 +247,8 @@ def record(args: argparse.Namespace, row: dict[str, Any]) -> None:
     row = {"variant": args.variant, **row}
     if dist.is_main():
         record_metrics(args.work_dir, row)
-        headline = f"mAP@0.5 {row['map']:.2f}" if "map" in row else f"mIoU {row['miou']:.2f}"
-        log.info("%s %s (%s, %s split)", row["step"], headline, row["variant"], row.get("split", "-"))
+        metric, value = headline(row)
+        log.info("%s %s %.2f (%s, %s split)", row["step"], metric, value, row["variant"], row.get("split", "-"))
 
 
 def split_name(list_file: str | os.PathLike) -> str:

@@ -34,7 +34,7 @@ import dataset
 from dataset.base import DatasetInfo, read_id_list
 from misc.errors import UserError
 from misc.io import atomic_write, latest_metrics, load_cam, load_png
-from misc.metrics import confusion_matrix, segmentation_scores
+from misc.metrics import confusion_matrix, headline, segmentation_scores
 
 ASSETS = "report_files"
 TILE_HEIGHT = 160
@@ -66,10 +66,6 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _headline(row: dict[str, Any]) -> tuple[str, float]:
-    return ("mAP@0.5", row["map"]) if "map" in row else ("mIoU", row["miou"])
-
-
 def _notes(row: dict[str, Any]) -> str:
     """What a summary row's number needs beside it: the CAM threshold it was taken at, the ignored pixels."""
     if "sweep" in row:
@@ -77,6 +73,10 @@ def _notes(row: dict[str, Any]) -> str:
         return f"at threshold {row['threshold']}; best {row['best_threshold']:.2f}: {best:.2f}"
     if "ignored" in row:
         return f"over labelled pixels, {100 * row['ignored']:.0f}% ignored"
+    if "fg_precision" in row:
+        return ", ".join(f"{name} {row[key]:.1f}" for name, key in (
+            ("fg recall", "fg_recall"), ("bg precision", "bg_precision"), ("bg recall", "bg_recall"),
+            ("% seeded", "labelled")) if row[key] is not None)
     if "labels" in row:
         return f"trained on {'ground truth' if row['labels'] == 'gt' else 'pseudo masks'}"
     return ""
@@ -281,7 +281,7 @@ def write_report(work_dir: str | Path, images: int = 6, seed: int = 0) -> Path:
     published = PUBLISHED.get(info.name, {}) if config.get("data_root") is not None else {}
     rows = []
     for key, row in metrics.items():
-        metric, value = _headline(row)
+        metric, value = headline(row)
         paper = published.get(key[:2]) if key[2] in (None, "msf+crf") else None
         paper_cell = ("-" if paper is None else paper,) if published else ()
         rows.append((key[0], key[1], key[2] or "", row.get("split", "-"), metric, value, *paper_cell, _notes(row)))
@@ -366,7 +366,7 @@ def write_comparison(work_dirs: Sequence[str | Path], out: str | Path, ignore: S
     for g, dirs in enumerate(groups.values()):
         for work_dir in dirs:
             for key, row in latest_metrics(work_dir).items():
-                values[key][g].append(_headline(row)[1])
+                values[key][g].append(headline(row)[1])
 
     def cell(vals: list[float]) -> str:
         if not vals:

@@ -2,9 +2,10 @@
 
 Inference per image: for every scale of ``args.deeplab_eval_scales`` the image and its mirror go through
 the network as one batch of two; the softmax probabilities, resized to the image, are averaged over scales
-and flips (``msf``). With ``args.deeplab_crf`` the averaged probabilities are refined by the dense CRF of
-spec 11.2. Predictions are palette PNGs; a re-run skips images already predicted with the same weights
-and settings (the output folder is fingerprinted). Images are sharded over DDP ranks and the confusion
+and flips (``msf``). With ``args.deeplab_crf`` the averaged probabilities are also refined by the dense CRF
+of spec 11.2 (``msf+crf``), from the same inference: both rows are recorded. Predictions are palette PNGs;
+a re-run skips images already predicted with the same weights and settings (the output folders are
+fingerprinted). Images are sharded over DDP ranks and the confusion
 matrices summed.
 """
 
@@ -84,62 +85,73 @@ def load_model(args: argparse.Namespace, info: DatasetInfo, device: torch.device
 
 def predict_ids(
     args: argparse.Namespace, info: DatasetInfo, model: torch.nn.Module, device: torch.device, ids: list[str],
-    out_dir: Path, desc: str,
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(id, (H, W) uint8 prediction)`` for this rank's share of ``ids``.
+    out_dirs: dict[str, Path], desc: str,
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """Yield ``(id, {postprocess: (H, W) uint8 prediction})`` for this rank's share of ``ids``.
 
-    Predictions already in ``out_dir/<id>.png`` are read back; the others are inferred and saved there
-    as palette PNGs (values ``0..info.num_labels-1``).
+    ``out_dirs`` maps ``"msf"`` and / or ``"msf+crf"`` to their folders: one multi-scale inference feeds both
+    (the CRF refines the same averaged probabilities). Predictions already in every folder are read back;
+    the others are inferred and saved as palette PNGs (values ``0..info.num_labels-1``).
     """
     todo = []
     for i in dist.shard(ids):
-        if (out_dir / f"{i}.png").is_file():
-            yield i, load_png(out_dir / f"{i}.png")
+        if all((d / f"{i}.png").is_file() for d in out_dirs.values()):
+            yield i, {post: load_png(d / f"{i}.png") for post, d in out_dirs.items()}
         else:
             todo.append(i)
     loader = DataLoader(ImageDataset(info, todo), batch_size=1, num_workers=args.num_workers,
                         collate_fn=single_collate)
     for item in tqdm(loader, desc=desc, disable=not dist.is_main(), mininterval=2):
         probs = predict_probs(model, item["img"], args.deeplab_eval_scales, device, args.amp)
-        if args.deeplab_crf:
-            probs = crf_inference_prob(item["img"], probs)
-        pred = probs.argmax(0).astype(np.uint8)
-        save_png(out_dir / f"{item['name']}.png", pred, info.palette)
-        yield item["name"], pred
+        preds = {}
+        for post, out_dir in out_dirs.items():
+            refined = crf_inference_prob(item["img"], probs) if post == "msf+crf" else probs
+            preds[post] = refined.argmax(0).astype(np.uint8)
+            save_png(out_dir / f"{item['name']}.png", preds[post], info.palette)
+        yield item["name"], preds
+
+
+def postprocess_fingerprint(args: argparse.Namespace, weights: Path, postprocess: str) -> str:
+    """What a prediction folder's files depend on: the weights, the inference settings and the CRF."""
+    return fingerprint(weights=file_fingerprint(weights), scales=[float(s) for s in args.deeplab_eval_scales],
+                       crf=postprocess == "msf+crf", arch=args.deeplab_arch, backbone=args.deeplab_backbone,
+                       os=args.deeplab_output_stride)
 
 
 def run(args: argparse.Namespace) -> None:
     device = dist.init(args.device)
     info = dataset.from_args(args)
     model, weights = load_model(args, info, device)
-    scales = [float(s) for s in args.deeplab_eval_scales]
-    postprocess = "msf+crf" if args.deeplab_crf else "msf"
-    fp = fingerprint(weights=file_fingerprint(weights), scales=scales, crf=args.deeplab_crf,
-                     arch=args.deeplab_arch, backbone=args.deeplab_backbone, os=args.deeplab_output_stride)
+    # The raw multi-scale score always, and the CRF's beside it when asked: the CRF's gain is part of the result.
+    postprocesses = ["msf", "msf+crf"] if args.deeplab_crf else ["msf"]
 
     split = split_name(args.val_list)
     ids = read_id_list(args.val_list)
     require_gt(info, ids)
-    pred_dir = Path(args.deeplab_dir) / f"pred_{split}{'_crf' if args.deeplab_crf else ''}"
-    pred_dir = prepare_output_dir(pred_dir, fp, "*.png")
-    conf = np.zeros((info.num_labels, info.num_labels), dtype=np.int64)
-    for image_id, pred in predict_ids(args, info, model, device, ids, pred_dir, f"eval_deeplab {split}"):
-        conf += gt_confusions(info, image_id, [pred])[0]
-    if dist.world_size() > 1:
-        total = torch.from_numpy(conf).to(device)
-        torch_dist.all_reduce(total)
-        conf = total.cpu().numpy()
-    scores = segmentation_scores(conf, info.label_names)
-    record(args, {"step": "eval_deeplab", "split": split, "postprocess": postprocess, "scales": scales,
-                  "arch": args.deeplab_arch, "backbone": args.deeplab_backbone,
-                  "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
+    out_dirs = {post: prepare_output_dir(Path(args.deeplab_dir) / f"pred_{split}{'_crf' if post == 'msf+crf' else ''}",
+                                         postprocess_fingerprint(args, weights, post), "*.png")
+                for post in postprocesses}
+    conf = {post: np.zeros((info.num_labels, info.num_labels), dtype=np.int64) for post in postprocesses}
+    for image_id, preds in predict_ids(args, info, model, device, ids, out_dirs, f"eval_deeplab {split}"):
+        for post, c in zip(postprocesses, gt_confusions(info, image_id, [preds[p] for p in postprocesses]),
+                           strict=True):
+            conf[post] += c
+    for post in postprocesses:
+        if dist.world_size() > 1:
+            total = torch.from_numpy(conf[post]).to(device)
+            torch_dist.all_reduce(total)
+            conf[post] = total.cpu().numpy()
+        scores = segmentation_scores(conf[post], info.label_names)
+        record(args, {"step": "eval_deeplab", "split": split, "postprocess": post,
+                      "scales": [float(s) for s in args.deeplab_eval_scales], "arch": args.deeplab_arch,
+                      "backbone": args.deeplab_backbone, "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
 
     if args.make_test_submission:
-        export_submission(args, info, model, device, fp)
+        export_submission(args, info, model, device, postprocesses[-1], weights)
 
 
 def export_submission(args: argparse.Namespace, info: DatasetInfo, model: torch.nn.Module, device: torch.device,
-                      fp: str) -> None:
+                      postprocess: str, weights: Path) -> None:
     """Test predictions in the VOC evaluation-server layout, plus ``submission/results.tgz`` to upload."""
     ids = read_id_list(args.test_list)
     missing = [i for i in ids if not info.image(i).is_file()]
@@ -149,8 +161,8 @@ def export_submission(args: argparse.Namespace, info: DatasetInfo, model: torch.
             "images to the dataset (VOC: the VOC2012 test package), or pass --make_test_submission false."
         )
     root = Path(args.deeplab_dir) / "submission"
-    out_dir = prepare_output_dir(root / SUBMISSION_DIR, fp, "*.png")
-    for _ in predict_ids(args, info, model, device, ids, out_dir, "eval_deeplab test"):
+    out_dir = prepare_output_dir(root / SUBMISSION_DIR, postprocess_fingerprint(args, weights, postprocess), "*.png")
+    for _ in predict_ids(args, info, model, device, ids, {postprocess: out_dir}, "eval_deeplab test"):
         pass
     dist.barrier()
     if dist.is_main():

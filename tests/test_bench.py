@@ -53,6 +53,8 @@ def test_demo_report_keeps_arms_postprocessing_and_the_first_runs_times_apart(tm
         {"variant": "cda", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf+crf", "miou": 53.0},
         {"variant": "cda", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf", "miou": 47.0},
         {"variant": "baseline", "step": "eval_deeplab", "labels": "pseudo", "postprocess": "msf+crf", "miou": 44.0},
+        {"variant": "baseline", "step": "eval_ir_label", "fg_precision": 70.0, "fg_recall": 30.0, "bg_precision": None,
+         "bg_recall": 0.0},
     ]
     (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # A first run, then a resumed one that adds the baseline arm's DeepLab: only the first run's times count.
@@ -66,6 +68,9 @@ def test_demo_report_keeps_arms_postprocessing_and_the_first_runs_times_apart(tm
     assert values[("DeepLab's masks: % of pixels ignored", "cda")] == [25.0]
     assert values[("DeepLab val mIoU, CRF", "cda")] == [53.0] and values[("DeepLab val mIoU", "cda")] == [47.0]
     assert values[("DeepLab val mIoU, CRF", "baseline")] == [44.0]
+    assert values[("IR seeds: fg precision", "baseline")] == [70.0]
+    assert values[("IR seeds: bg recall", "baseline")] == [0.0]
+    assert ("IR seeds: bg precision", "baseline") not in values  # undefined (no bg seeds), not a zero
     assert seconds == {("baseline", "make_cls_labels"): 0.5, ("cda", "train_deeplab"): 100.0}
 
 

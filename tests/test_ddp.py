@@ -26,8 +26,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 REPO = Path(__file__).resolve().parent.parent
-LATER_PASSES = ("make_cam", "eval_cam", "cam_to_ir_label", "train_irn", "make_sem_seg", "eval_sem_seg",
-                "make_ins_seg", "eval_ins_seg", "make_aug_fg", "train_deeplab", "eval_deeplab")
+LATER_PASSES = ("make_cam", "eval_cam", "cam_to_ir_label", "eval_ir_label", "train_irn", "make_sem_seg",
+                "eval_sem_seg", "make_ins_seg", "eval_ins_seg", "make_aug_fg", "train_deeplab", "eval_deeplab")
 # The preset's learning rate (0.1, head 1.0) makes the 12-step trajectory chaotic: float rounding of
 # ~1e-7 grows to a few percent by the end, and a single process run with 2 threads instead of 1
 # drifts from itself just as much as 2 processes do. At 0.01 the same rounding stays below 1e-4.

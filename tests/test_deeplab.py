@@ -342,10 +342,9 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> argparse.Namespace:
     tmp = tmp_path_factory.mktemp("e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(net.deeplab, "build_backbone", lambda name, weights, *, dilate, output_stride: TinyBackbone())
-        args = make_args(tmp, deeplab_arch="v3+", make_test_submission=True)
+        args = make_args(tmp, deeplab_arch="v3+", make_test_submission=True, deeplab_crf=True)
         train_deeplab.run(args)
-        eval_deeplab.run(args)
-        eval_deeplab.run(make_args(tmp, deeplab_arch="v3+", deeplab_crf=True))
+        eval_deeplab.run(args)  # one inference, both rows: raw multi-scale and CRF-refined
     return args
 
 

@@ -4,7 +4,15 @@ import math
 import numpy as np
 import pytest
 
-from misc.metrics import confusion_matrix, instance_ap, instances_from_voc, segmentation_scores, voc_ap
+from misc.metrics import (
+    confusion_matrix,
+    instance_ap,
+    instances_from_voc,
+    seed_confusion,
+    seed_scores,
+    segmentation_scores,
+    voc_ap,
+)
 
 NAMES = ["background", "a", "b", "c"]
 
@@ -48,6 +56,24 @@ def test_confusion_sums_over_images_and_rejects_bad_gt():
     np.testing.assert_array_equal(total, [[1, 1], [0, 2]])
     with pytest.raises(ValueError):
         confusion_matrix(np.array([[5]]), np.array([[0]]), 2)
+
+
+def test_seed_scores_by_hand():
+    # 0 background, 1 and 2 objects; seeds 255 = unlabelled; one void GT pixel.
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 255, 0]])
+    seeds = np.array([[0, 255, 1, 0], [0, 0, 255, 1], [1, 2, 2, 255]])
+    conf = seed_confusion(gt, seeds, 3)
+    np.testing.assert_array_equal(conf, [[3, 0, 0, 2], [1, 2, 0, 1], [0, 1, 1, 0]])
+    s = seed_scores(conf, ["bg", "a", "b"])
+    # fg: 3 correct of 4 fg-seeded pixels, of 6 GT object pixels; bg: 3 of 4 bg seeds, of 5 GT bg pixels.
+    assert (s["fg_precision"], s["fg_recall"]) == (pytest.approx(75.0), pytest.approx(50.0))
+    assert (s["bg_precision"], s["bg_recall"]) == (pytest.approx(75.0), pytest.approx(60.0))
+    assert s["labelled"] == pytest.approx(100 * 8 / 11)
+    assert s["precision"] == {"bg": pytest.approx(75.0), "a": pytest.approx(200 / 3), "b": pytest.approx(100.0)}
+    assert s["recall"]["b"] == pytest.approx(50.0)
+    no_fg = seed_scores(seed_confusion(np.zeros((2, 2), int), np.zeros((2, 2), int), 3), ["bg", "a", "b"])
+    assert no_fg["fg_precision"] is None and no_fg["bg_precision"] == 100.0
+    json.dumps(no_fg, allow_nan=False)
 
 
 def test_voc_ap_envelope():

@@ -35,6 +35,11 @@ def test_pseudo_masks_cover_the_training_list_in_both_rounds(tiny_run):
         assert row["split"] == "train" and set(row["per_class"]) >= {"background", "aeroplane"}
         # Above labelling everything background (~8.6 mIoU on this split).
         assert row["miou"] > 12
+        seeds = tiny_run.metric("eval_ir_label", variant)
+        assert seeds["images"] == len(set(_ids(tiny_run, "train")) & set(train_aug))
+        # Labelling each image's object pixels with its class everywhere would score the object share (~1/4);
+        # the seeds are confident, so precise where they label, and leave the uncertain part unlabelled.
+        assert seeds["fg_precision"] > 50 and seeds["bg_precision"] > 80 and 5 < seeds["labelled"] < 95
 
 
 def test_deeplab_learns_from_masks_with_uncertain_background_ignored(tiny_run):

@@ -170,8 +170,8 @@ def test_cityscapes_layout_trains_and_evaluates_the_segmenter(tmp_path: Path):
 
 
 def test_config_yaml_reproduces_the_run(tmp_path: Path):
-    cam_only = ["--cda", "false", *(f"--{f}_pass" for f in ("cam_to_ir_label", "train_irn", "make_sem_seg",
-                "eval_sem_seg", "make_ins_seg", "eval_ins_seg", "train_deeplab", "eval_deeplab"))]
+    cam_only = ["--cda", "false", *(f"--{f}_pass" for f in ("cam_to_ir_label", "eval_ir_label", "train_irn",
+                "make_sem_seg", "eval_sem_seg", "make_ins_seg", "eval_ins_seg", "train_deeplab", "eval_deeplab"))]
     cam_only = [x for flag in cam_only for x in ((flag, "false") if flag.endswith("_pass") else (flag,))]
     first, second = tmp_path / "first", tmp_path / "second"
     assert run_sample.main(["--work_dir", str(first), "--demo_size", "24", "8", "8", "--seed", "3", *TINY,
