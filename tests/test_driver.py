@@ -28,6 +28,11 @@ def test_preset_fills_only_unset_flags(tmp_path):
     voc = run_sample.make_args(["--voc12_root", str(tmp_path / "VOC2012"), "--cam_batch_size", "4"])
     assert voc.preset == "voc" and voc.backbone == "resnet50" and voc.cam_crop_size == 512
     assert voc.cam_batch_size == 4 and voc.dataset == "voc12" and voc.data_root == str(tmp_path / "VOC2012")
+    photos = run_sample.make_args(["--voc12_root", str(tmp_path / "photos"), "--preset", "photos",
+                                   "--exp_times", "4"])
+    # The demo's networks and walk, the CAM network trained longer on larger crops; given flags still win.
+    assert photos.backbone == "efficientnet_lite0" and photos.calibrate_thresholds and photos.rw_normalize
+    assert (photos.cam_num_epoches, photos.cam_crop_size, photos.exp_times) == (15, 224, 4)
 
 
 def _voc_folder(root, lists):
