@@ -32,7 +32,7 @@ def test_preset_fills_only_unset_flags(tmp_path):
                                    "--exp_times", "4"])
     # The demo's networks and walk, the CAM network trained longer on larger crops; given flags still win.
     assert photos.backbone == "efficientnet_lite0" and photos.calibrate_thresholds and photos.rw_normalize
-    assert (photos.cam_num_epoches, photos.cam_crop_size, photos.exp_times) == (15, 224, 4)
+    assert (photos.cam_num_epoches, photos.cam_crop_size, photos.deeplab_iters, photos.exp_times) == (15, 224, 800, 4)
 
 
 def _voc_folder(root, lists):
