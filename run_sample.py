@@ -40,7 +40,7 @@ from misc import dist
 from misc.errors import UserError, user_message
 from misc.flags import str2bool
 from misc.io import atomic_write, latest_metrics
-from misc.metrics import headline
+from misc.metrics import headline, seed_details
 from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
 from net.backbone import read_checkpoint
@@ -654,9 +654,8 @@ def summary_table(work_dir: str | os.PathLike) -> str:
             extra.append(post)
         if "ignored" in row:
             extra.append(f"(labelled pixels; {100 * row['ignored']:.0f}% ignored)")
-        if "fg_recall" in row:
-            extra.append(" ".join(f"{k}={row[k]:.1f}" for k in ("fg_recall", "bg_precision", "bg_recall", "labelled")
-                                  if row[k] is not None))
+        if "fg_precision" in row:
+            extra.append(seed_details(row))
         lines.append(f"{variant:<9} {step:<14} {row.get('split', '-'):<7} {metric:<17} {value:7.2f}  {' '.join(extra)}")
     if times:
         lines.append("")

@@ -91,15 +91,11 @@ def seed_confusion(gt: np.ndarray, seeds: np.ndarray, num_classes: int, ignore: 
 
     gt, seeds: int (H, W). GT pixels equal to ``ignore`` are skipped. Returns int64 (C, C + 1); sum it over images.
     """
-    seeds = np.where(np.asarray(seeds) == ignore, num_classes, seeds)
-    gt = np.asarray(gt).astype(np.int64)
-    valid = gt != ignore
-    if seeds.shape != gt.shape:
-        raise ValueError(f"gt and seeds differ in size: {gt.shape} vs {seeds.shape}")
-    if valid.any() and gt[valid].max() >= num_classes:
+    # Unlabelled is one more prediction column; a GT value there would be out of range.
+    conf = confusion_matrix(gt, np.where(np.asarray(seeds) == ignore, num_classes, seeds), num_classes + 1, ignore)
+    if conf[num_classes].any():
         raise ValueError(f"GT values must be in 0..{num_classes - 1} or {ignore}")
-    pairs = gt[valid] * (num_classes + 1) + seeds[valid].astype(np.int64)
-    return np.bincount(pairs, minlength=num_classes * (num_classes + 1)).reshape(num_classes, num_classes + 1)
+    return conf[:num_classes]
 
 
 def seed_scores(conf: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -136,6 +132,13 @@ def seed_scores(conf: np.ndarray, class_names: Sequence[str]) -> dict:
         "mean_precision": _mean_pct(precision),
         "mean_recall": _mean_pct(recall),
     }
+
+
+def seed_details(row: dict) -> str:
+    """The numbers of a ``seed_scores`` row beside its headline (fg precision), for summaries."""
+    return ", ".join(f"{name} {row[key]:.1f}" for name, key in (
+        ("fg recall", "fg_recall"), ("bg precision", "bg_precision"), ("bg recall", "bg_recall"),
+        ("% seeded", "labelled")) if row[key] is not None)
 
 
 def headline(row: dict) -> tuple[str, float]:

@@ -34,7 +34,7 @@ import dataset
 from dataset.base import DatasetInfo, read_id_list
 from misc.errors import UserError
 from misc.io import atomic_write, latest_metrics, load_cam, load_png
-from misc.metrics import confusion_matrix, headline, segmentation_scores
+from misc.metrics import confusion_matrix, headline, seed_details, segmentation_scores
 
 ASSETS = "report_files"
 TILE_HEIGHT = 160
@@ -74,9 +74,7 @@ def _notes(row: dict[str, Any]) -> str:
     if "ignored" in row:
         return f"over labelled pixels, {100 * row['ignored']:.0f}% ignored"
     if "fg_precision" in row:
-        return ", ".join(f"{name} {row[key]:.1f}" for name, key in (
-            ("fg recall", "fg_recall"), ("bg precision", "bg_precision"), ("bg recall", "bg_recall"),
-            ("% seeded", "labelled")) if row[key] is not None)
+        return seed_details(row)
     if "labels" in row:
         return f"trained on {'ground truth' if row['labels'] == 'gt' else 'pseudo masks'}"
     return ""
