@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import dataset
 from dataset.base import read_id_list
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     info = dataset.from_args(args)
     require_gt(info, ids)
     conf = np.zeros((info.num_labels, info.num_labels + 1), dtype=np.int64)
-    for image_id in ids:
+    for image_id in tqdm(ids, desc="eval_ir_label", mininterval=2):
         seeds = load_png(Path(args.ir_label_out_dir) / f"{image_id}.png")
         conf += seed_confusion(info.read_mask(image_id), seeds, info.num_labels, info.ignore)
     record(args, {"step": "eval_ir_label", "split": split_name(args.eval_list), "images": len(ids),
