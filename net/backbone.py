@@ -1,7 +1,9 @@
 """Backbone interface, fixed BatchNorm and checkpoint reading/loading (the factory: ``net.factory``).
 
 Every backbone maps a normalised RGB batch ``(B, 3, H, W)`` (ImageNet mean/std, spec 1.4) to a list of
-five feature maps ``[x1..x5]``; ``channels`` and ``strides`` describe them. See docs/DESIGN.md.
+five feature maps ``[x1..x5]``; ``channels`` and ``strides`` describe them, and ``tap(level, x)`` turns a
+level's map into the feature a head reads there (identity except for pre-activation networks such as
+ResNet-38, whose level outputs are raw residual sums). See docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from misc.errors import UserError
+from misc.mxnet_params import load_mxnet_resnet38
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -41,12 +44,15 @@ class Backbone(nn.Module):
     """Feature extractor with five output levels.
 
     Subclasses set ``name``, ``channels`` and ``strides`` and implement :meth:`level_modules`; the
-    modules of level ``i`` are applied in order to the output of level ``i - 1``.
+    modules of level ``i`` are applied in order to the output of level ``i - 1``. ``head_prefixes``: keys of
+    full-network checkpoints (classifier / method heads) that ``net.factory`` skips when it loads only the
+    backbone.
     """
 
     name: str
     channels: tuple[int, ...]
     strides: tuple[int, ...]
+    head_prefixes: tuple[str, ...] = CLASSIFIER_PREFIXES
 
     def __init__(self) -> None:
         super().__init__()
@@ -72,6 +78,17 @@ class Backbone(nn.Module):
                 x = x.detach()
             feats.append(x)
         return feats
+
+    def tap(self, level: int, x: Tensor) -> Tensor:
+        """The feature a head reads at ``level``, from that level's output ``x (B, channels[level], h, w)``.
+
+        Same shape as ``x``. The default is ``x`` itself (ResNet, EfficientNet: level outputs are already
+        activated). A pre-activation network overrides it: its level outputs are raw residual sums that the
+        next level normalises first, and heads read that normalised, rectified map (ResNet-38: PSA's
+        conv4 / conv5 at levels 2 / 3). ``forward`` always returns the untapped maps, because they are what
+        ``forward(f, first_level=k)`` continues from.
+        """
+        return x
 
     def freeze_levels(self, n: int) -> None:
         """Stop gradients into levels ``0..n-1`` (``n = 5``: the whole backbone); later levels train.
@@ -106,12 +123,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """Read a state dict safely (``weights_only``) onto the CPU.
 
     Unwraps a top-level ``state_dict`` / ``model`` entry and strips the ``module.`` prefix that
-    ``DataParallel``/DDP adds. Raises ``UserError`` naming ``path`` if the file is missing, unreadable or
-    not a mapping of names to tensors.
+    ``DataParallel``/DDP adds. A path ending in ``.params`` is an MXNet file: the ResNet-38 A1 ImageNet
+    weights, read without MXNet and renamed to ``ResNet38``'s keys (``misc.mxnet_params``). Raises
+    ``UserError`` naming ``path`` if the file is missing, unreadable or not a mapping of names to tensors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
+    if path.endswith(".params"):
+        return load_mxnet_resnet38(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a file that is no checkpoint
@@ -133,6 +153,8 @@ def _guess_architecture(keys: list[str]) -> str | None:
     """Name the backbone a state dict's keys look like, if it is one of ours."""
     if any(k.startswith("_blocks.") for k in keys):
         return "efficientnet_lite0"
+    if any(k.startswith(("b4_5.", "b5_2.", "b7.conv_branch2b2")) for k in keys):
+        return "resnet38"
     layer3 = [int(m.group(1)) for k in keys if (m := re.match(r"layer3\.(\d+)\.", k))]
     if layer3:
         return {5: "resnet50", 22: "resnet101"}.get(max(layer3))

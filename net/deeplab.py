@@ -127,7 +127,8 @@ class DeepLab(nn.Module):
         else:
             if 4 not in backbone.strides:
                 raise ValueError(f"DeepLab-v3+ needs a stride-4 level; backbone strides {backbone.strides}")
-            # The deepest stride-4 level carries the richest low-level features (ResNet: layer1).
+            # The deepest stride-4 level carries the richest low-level features (ResNet: layer1; ResNet-38:
+            # level 1, b3_2; its level 0 is at stride 2).
             self.low_level = max(i for i, s in enumerate(backbone.strides) if s == 4)
             rates = tuple(r * 16 // self.output_stride for r in V3P_RATES_OS16)
             self.head = V3PlusHead(backbone.channels[-1], backbone.channels[self.low_level], num_classes,
@@ -137,7 +138,13 @@ class DeepLab(nn.Module):
         """``(B, 3, H, W)`` normalised RGB -> logits ``(B, num_classes, H, W)``; with ``upsample=False``
         at the head's resolution (``H/output_stride`` for v2, ``H/4`` for v3+)."""
         feats = self.backbone(x)
-        logits = self.head(feats[-1]) if self.arch == "v2" else self.head(feats[-1], feats[self.low_level])
+        # Heads read the levels through ``tap``: a pre-activation backbone (ResNet-38) returns raw residual
+        # sums, and its activated map is what the decoder should see (identity on the other backbones).
+        high = self.backbone.tap(4, feats[4])
+        if self.arch == "v2":
+            logits = self.head(high)
+        else:
+            logits = self.head(high, self.backbone.tap(self.low_level, feats[self.low_level]))
         if upsample:
             logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
         return logits

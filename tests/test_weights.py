@@ -137,6 +137,12 @@ def test_registry_entries_are_the_published_ones() -> None:
             assert e.urls == (f"https://download.pytorch.org/models/{e.file}",)
             assert e.sha256 is None and e.file.endswith(f"-{e.sha256_prefix}.pth")
             assert e.licence.startswith("BSD-3-Clause")
+        elif e.file == "ilsvrc-cls_rna-a1_cls1000_ep-0001.params":
+            # ademxapp's ResNet-38 A1: the README's cloudstor share, downloaded through ownCloud's /download.
+            assert e.urls == ("https://cloudstor.aarnet.edu.au/plus/index.php/s/NOPhJ247fhVDnZH/download",)
+            assert e.page == "https://github.com/itijyou/ademxapp" and e.backbone == "resnet38"
+            # Only an MD5 is published: no sha256 to check, so the file is pinned and the MD5 is in the note.
+            assert e.sha256 is None and e.sha256_prefix is None and "ff21f45d6bf03284100dcbec571edfad" in e.note
         elif e.package is None:
             (url,) = e.urls
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
