@@ -65,6 +65,13 @@ PRESETS: dict[str, dict[str, object]] = {
         irn_batch_size=32,
         irn_num_epoches=3,
         exp_times=8,
+        # AffinityNet (--refiner affinitynet): PSA's crop, batch and epochs; SEAM's learning rate (PSA's
+        # README value 0.1 is for VGG-16, spec 3.2); PSA's 2^8 walk steps.
+        aff_crop_size=448,
+        aff_batch_size=8,
+        aff_num_epoches=8,
+        aff_learning_rate=0.01,
+        aff_logt=8,
         rw_normalize=False,
         calibrate_thresholds=False,
         deeplab_arch="v2",
@@ -93,6 +100,11 @@ PRESETS: dict[str, dict[str, object]] = {
         # The walk's reach grows with sqrt(steps): 2^8 steps on VOC's ~94x125 grid cover as much of the image
         # as 2^5 on the demo's ~40x45 grid (grid area ratio ~1/6.5, 2^(8 - 2.7)).
         exp_times=5,
+        aff_crop_size=128,
+        aff_batch_size=16,
+        aff_num_epoches=6,
+        aff_learning_rate=0.01,
+        aff_logt=5,  # PSA's 2^8 on VOC's ~47x63 stride-8 grid, scaled to the demo's ~20x23 as exp_times is
         # EfficientNet-Lite0's demo CAMs spill onto the context (best threshold ~0.55, not VOC's 0.15):
         # thresholds follow the CAMs (misc.thresholds) and the walk keeps CAM units (propagate).
         rw_normalize=True,
@@ -300,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("steps (true/false)")
     for name in STEP_PASSES:
         # Training passes default to "true unless weights were given" (resolved in _check_flags).
-        default = None if name in ("train_cam", "train_irn") else True
+        default = None if name in ("train_cam", "train_irn", "train_affinity") else True
         g.add_argument(f"--{name}_pass", type=str2bool, default=default)
     return p
 
@@ -319,6 +331,7 @@ def round_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     r.variant = variant
     r.cam_weights_name = str(root / "sess" / "cam.pth")
     r.irn_weights_name = str(root / "sess" / "irn.pth")
+    r.affinity_weights_name = str(root / "sess" / "affinity.pth")
     r.cam_out_dir = str(root / "cam")
     r.ir_label_out_dir = str(root / "ir_label")
     r.sem_seg_out_dir = str(root / "sem_seg")
@@ -476,7 +489,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         parser.error(f"--conf_bg_thres ({args.conf_bg_thres}) must be below --conf_fg_thres ({args.conf_fg_thres})")
     if not 0 < args.cda_min_ratio < args.cda_max_ratio <= 1:
         parser.error("need 0 < --cda_min_ratio < --cda_max_ratio <= 1")
-    for net in ("cam", "irn"):
+    for net in ("cam", "irn", "affinity"):
         weights, train_pass = getattr(args, f"{net}_weights"), f"train_{net}_pass"
         if getattr(args, train_pass) is None:
             setattr(args, train_pass, weights is None)
@@ -528,9 +541,13 @@ def check_lists(args: argparse.Namespace) -> None:
     and holds a training batch."""
     info = dataset.from_args(args)
     batches = {}
-    if args.train_cam_pass or args.train_irn_pass:
-        batches["train_list"] = max(args.cam_batch_size if args.train_cam_pass else 1,
-                                    args.irn_batch_size if args.train_irn_pass else 1)
+    # The networks this run trains on the training list: the chosen plug-ins' training steps that are on.
+    chosen = {flag for plugin in (methods.cam_method(args), methods.refiner(args)) for flag, _ in plugin.steps}
+    trains = {"cam": "train_cam", "irn": "train_irn", "aff": "train_affinity"}
+    sizes = [getattr(args, f"{net}_batch_size") for net, flag in trains.items()
+             if flag in chosen and getattr(args, f"{flag}_pass")]
+    if sizes:
+        batches["train_list"] = max(sizes)
     if args.train_deeplab_pass:
         batches["deeplab_train_list"] = args.deeplab_batch_size
     # A file serving several roles (train_list is deeplab_train_list by default) is read and checked once.
@@ -573,7 +590,7 @@ def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:
 
 def check_weights(args: argparse.Namespace) -> None:
     """Every weights file the run was given exists and is a state dict (registry names are fetched first)."""
-    for flag in ("backbone_weights", "deeplab_weights", "cam_weights", "irn_weights"):
+    for flag in ("backbone_weights", "deeplab_weights", "cam_weights", "irn_weights", "affinity_weights"):
         try:
             path = resolve_weights(getattr(args, flag))
             if path is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from methods.affinitynet import AffinityNetRefiner
 from methods.base import CAMMethod, Refiner, Segmenter
 from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
@@ -15,7 +16,7 @@ from methods.ppl import PPL
 from misc.errors import UserError
 
 CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL)}
-REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner,)}
+REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner)}
 SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter,)}
 
 

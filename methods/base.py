@@ -19,6 +19,7 @@ import argparse
 from collections.abc import Callable
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,10 +75,20 @@ class CAMMethod(Plugin):
 
 class Refiner(Plugin):
     """CAM files -> semantic pseudo masks in ``<round>/sem_seg``, by the steps it lists (run in order after
-    the CAM steps; ``eval_sem_seg`` scores any refiner's masks)."""
+    the CAM steps; ``eval_sem_seg`` scores any refiner's masks).
+
+    A refiner that learns from confident seeds lists the generic ``cam_to_ir_label`` (and
+    ``eval_ir_label``) step and gives its rule through :meth:`seed_rule`.
+    """
 
     name: ClassVar[str]
     steps: ClassVar[StepList]
+
+    def seed_rule(self, args: argparse.Namespace) -> tuple[Callable[..., np.ndarray], dict[str, float]]:
+        """``(rule, settings)`` for ``cam_to_ir_label``: a module-level function (it runs in worker
+        processes) called as ``rule(img (H, W, 3) uint8, high_res (k, H, W), keys (k,), **settings)`` that
+        returns the seeds, uint8 ``(H, W)`` with 0 background, ``c + 1``, 255 unsure."""
+        raise NotImplementedError(f"refiner {self.name} makes no seeds")
 
 
 class Segmenter(Plugin):

@@ -9,7 +9,7 @@ network's inference, and the random walk.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from dataset.base import read_id_list
 from methods.base import Refiner
 from misc import dist
 from misc.convert import load_weights
+from misc.crf import ir_label_from_cam
 from misc.errors import UserError
 from misc.imutils import hwc_to_chw, normalize
 from misc.indexing import PathIndex, affinity_labels, random_walk
@@ -30,11 +31,11 @@ from misc.pipeline import (
     autocast,
     dir_fingerprint,
     fingerprint,
-    pending,
-    prepare_output_dir,
+    prepare_outputs,
     require_files,
     weights_fingerprint,
 )
+from misc.thresholds import thresholds
 from misc.weights import resolve_weights
 from net.factory import build_backbone
 from net.irn import IRN, edge_and_displacement, irn_loss
@@ -53,6 +54,10 @@ class IRNRefiner(Refiner):
         ("make_ins_seg", "make_ins_seg_labels"),
         ("eval_ins_seg", "eval_ins_seg"),
     )
+
+    def seed_rule(self, args: argparse.Namespace) -> tuple[Callable[..., np.ndarray], dict[str, float]]:
+        values = thresholds(args)
+        return ir_label_from_cam, {"fg_thres": values["conf_fg_thres"], "bg_thres": values["conf_bg_thres"]}
 
 
 def build_irn(args: argparse.Namespace) -> IRN:
@@ -139,9 +144,7 @@ def pseudo_label_inputs(
                        beta=args.beta, exp_times=args.exp_times, rw_normalize=args.rw_normalize)
     # The network is loaded (and its weights checked) before any stale output is cleared.
     irn = IRNInference(args, device)
-    dirs = [prepare_output_dir(d, fingerprint(walk=walk, **settings), f"*{suffix}") for d, settings in outputs.items()]
-    missing = set().union(*(pending(ids, d, suffix) for d in dirs))
-    todo = [i for i in ids if i in missing]
+    dirs, todo = prepare_outputs(ids, outputs, walk, suffix)
     for image_id in tqdm(todo, desc=desc, disable=not dist.is_main(), mininterval=2):
         img, edge, displacement = irn(image_id)
         yield image_id, dirs, img, edge, displacement, load_cam(Path(args.cam_out_dir) / f"{image_id}.npz")

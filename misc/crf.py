@@ -1,4 +1,4 @@
-"""Dense CRF (``pydensecrf2``) on hard labels and on class probabilities; CAM -> IR labels (spec 6, 11.2)."""
+"""Dense CRF (``pydensecrf2``) on hard labels and on class probabilities; CAM -> IRN / AffinityNet seeds."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import numpy as np
 
 from misc.errors import UserError
 from misc.labels import scores_to_label
+
+# PSA's pairwise kernels (seam_affinitynet spec 2.4): Gaussian sxy 3, compat 3; bilateral sxy 80, srgb 13, compat 10.
+PSA_CRF = {"gauss_xy": 3.0, "gauss_w": 3.0, "bi_xy": 80.0, "bi_rgb": 13.0, "bi_w": 10.0}
 
 
 def _densecrf():
@@ -104,9 +107,45 @@ def ir_label_from_cam(
         compact = scores_to_label(high_res, np.arange(k), thres)
         return keys_plus[crf_inference_label(img, compact, n_labels=k + 1)]
 
-    fg = one_pass(fg_thres)
-    bg = one_pass(bg_thres)
-    out = fg.astype(np.uint8)
-    out[fg == 0] = 255
-    out[(fg == 0) & (bg == 0)] = 0
+    return fuse_seeds(one_pass(fg_thres), one_pass(bg_thres))
+
+
+def fuse_seeds(fg_pass: np.ndarray, bg_pass: np.ndarray) -> np.ndarray:
+    """Two label maps (H, W) of a confident-foreground pass (large background) and a confident-background
+    pass (small background) -> uint8 seeds: the first pass's class where it names one, 0 where even the
+    second says background, 255 (ignore) in between (IRNet spec 6; PSA spec 3.5)."""
+    out = fg_pass.astype(np.uint8)
+    out[fg_pass == 0] = 255
+    out[(fg_pass == 0) & (bg_pass == 0)] = 0
     return out
+
+
+def aff_label_from_cam(
+    img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, low_alpha: float = 4.0, high_alpha: float = 32.0
+) -> np.ndarray:
+    """PSA's seeds (seam_affinitynet spec 3.4-3.5): two CRFs on the class maps with a background
+    ``(1 - max_c CAM)^alpha``, ``low_alpha`` for the foreground pass and ``high_alpha`` for the background
+    pass, fused as :func:`fuse_seeds` does.
+
+    img: uint8 (H, W, 3); high_res: float (k, H, W) per-class max-normalised CAMs; keys: int (k,) 0-based
+    classes. PSA's CRF (``PSA_CRF``, 10 iterations) runs on the scores as given (not renormalised).
+    Returns uint8 (H, W) in {0, c + 1, 255}. The reference fuses the two passes' probabilities after an
+    8 x 8 block mean on the training grid; we fuse the labels at full resolution, which the training step
+    then samples down (stored as one PNG, not two probability volumes).
+    """
+    high_res = np.clip(np.asarray(high_res, dtype=np.float32), 0, 1)
+    k, h, w = high_res.shape
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.shape != (k,):
+        raise ValueError(f"keys {keys.shape} do not match {k} CAM planes")
+    if k == 0:
+        return np.zeros((h, w), dtype=np.uint8)
+    keys_plus = np.concatenate([[0], keys + 1])
+    top = high_res.max(axis=0, keepdims=True)
+
+    def one_pass(alpha: float) -> np.ndarray:
+        scores = np.concatenate([(1 - top) ** alpha, high_res])
+        q = crf_inference_prob(img, scores, t=10, **PSA_CRF)
+        return keys_plus[q.argmax(axis=0)]
+
+    return fuse_seeds(one_pass(low_alpha), one_pass(high_alpha))

@@ -145,15 +145,11 @@ def affinity_labels(label: np.ndarray | Tensor, path_index: PathIndex) -> tuple[
 def random_walk(x: Tensor, edge: Tensor, beta: float = 10, exp_times: int = 8, radius: int = 5) -> Tensor:
     """Propagate maps ``x (n, h, w)`` over the edge map ``edge (h, w)`` (spec 8.2) without a dense matrix.
 
-    Same result as :func:`random_walk_dense`. With ``A`` the pair affinities (``(1 - max B)^beta`` for
-    pixel pairs closer than ``radius``, 1 on the diagonal, symmetric) and ``c = colsum(A)``, the
-    reference computes ``R = vec(X (1 - B)) . T^t`` with ``T = A diag(1/c)``, ``t = 2^exp_times``, i.e.
-    ``R_j = sum_i R_i A_ij / c_j`` per step: each pixel becomes the ``A``-weighted mean of its disc
-    neighbourhood. We store those ``2K + 1`` weights per pixel and apply the step ``t`` times as a
-    weighted gather: O(hw K) memory and O(t n hw K) work instead of an ``(hw)^2`` matrix and
-    ``exp_times`` ``(hw)^3`` squarings.
+    Same result as :func:`random_walk_dense`: the pair affinities are ``(1 - max B)^beta`` over each pair's
+    path (pairs closer than ``radius``), and the walk of :func:`walk_affinity` runs ``2^exp_times`` steps
+    on ``x (1 - B)``.
     """
-    n, h, w = x.shape
+    _, h, w = x.shape
     r = math.ceil(radius) - 1
     # Padding the edge map with 1.0 makes every pair that leaves the image have affinity exactly 0, so it
     # drops out of A and of the column sums, as the reference's crop of its padded matrix does. Padding
@@ -161,13 +157,28 @@ def random_walk(x: Tensor, edge: Tensor, beta: float = 10, exp_times: int = 8, r
     edge = edge.to(x.dtype)
     padded = F.pad(edge[None, None], (r, r, 0, r), value=1.0)
     pi = get_path_index(radius, (h + r, w + 2 * r))
-    aff = pi.to_affinity(padded)[0].pow(beta)  # (K, hw): A(p, p + offset_k)
+    aff = pi.to_affinity(padded)[0].pow(beta).view(-1, h, w)  # (K, h, w): A(p, p + offset_k)
+    return walk_affinity(x * (1 - edge), aff, pi.offsets, 2**exp_times)
 
+
+def walk_affinity(x: Tensor, aff: Tensor, offsets: Tensor, steps: int) -> Tensor:
+    """``steps`` random-walk steps of maps ``x (n, h, w)`` under pair affinities ``aff (K, h, w)``.
+
+    ``aff[k, p]`` is the affinity of pixel ``p`` with ``p + offsets[k]`` (``offsets (K, 2)`` ``(dy, dx)``,
+    a half disc: each unordered pair once), 0 where that neighbour is outside the image. With ``A`` the
+    symmetric matrix of these affinities (1 on the diagonal) and ``c = colsum(A)``, the references compute
+    ``R . T^steps`` with ``T = A diag(1/c)``, i.e. ``R_j = sum_i R_i A_ij / c_j`` per step: each pixel
+    becomes the ``A``-weighted mean of its neighbourhood. We store those ``2K + 1`` weights per pixel and
+    apply the step as a weighted gather: O(hw K) memory and O(steps n hw K) work instead of an ``(hw)^2``
+    matrix and its squarings. Returns ``(n, h, w)``.
+    """
+    n, h, w = x.shape
+    aff = aff.to(x.dtype).reshape(-1, h * w)
     # Neighbour table over the full disc: self, p + offset_k (weight aff_k(p)) and p - offset_k (weight
     # aff_k(p - offset_k), the same pair seen from its other end).
     ys, xs = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     ys, xs = ys.reshape(-1, 1), xs.reshape(-1, 1)
-    dy, dx = (t.to(x.device).view(1, -1) for t in pi.offsets.unbind(1))
+    dy, dx = (t.to(x.device).view(1, -1) for t in offsets.unbind(1))
     fy, fx, by, bx = ys + dy, xs + dx, ys - dy, xs - dx
     f_in = (fy < h) & (fx >= 0) & (fx < w)
     b_in = (by >= 0) & (bx >= 0) & (bx < w)
@@ -176,7 +187,7 @@ def random_walk(x: Tensor, edge: Tensor, beta: float = 10, exp_times: int = 8, r
     f_idx = torch.where(f_in, fy * w + fx, here)
     b_idx = torch.where(b_in, by * w + bx, here)
     k = torch.arange(aff.shape[0], device=x.device).view(1, -1)
-    f_w = aff.t()  # already 0 outside the image (see the padding above)
+    f_w = torch.where(f_in, aff.t(), 0)
     b_w = torch.where(b_in, aff[k, b_idx], 0)
     nbr = torch.cat([here, f_idx, b_idx], dim=1)  # (hw, 2K + 1)
     weight = torch.cat([torch.ones_like(here, dtype=x.dtype), f_w, b_w], dim=1)
@@ -185,8 +196,8 @@ def random_walk(x: Tensor, edge: Tensor, beta: float = 10, exp_times: int = 8, r
     # One step R_j <- sum_k weight[j, k] R[nbr[j, k]] for all n maps at once: embedding_bag is exactly
     # this fused gather + weighted sum (an ELL sparse-matrix product) on CPU and CUDA, without the
     # (n, hw, 2K + 1) intermediate of an explicit gather.
-    r_t = (x * (1 - edge)).reshape(n, h * w).t().contiguous()  # (hw, n)
-    for _ in range(2**exp_times):
+    r_t = x.reshape(n, h * w).t().contiguous()  # (hw, n)
+    for _ in range(steps):
         r_t = F.embedding_bag(nbr, r_t, per_sample_weights=weight, mode="sum")
     return r_t.t().reshape(n, h, w)
 

@@ -116,8 +116,8 @@ def read_params(path: str | os.PathLike) -> dict[str, Tensor]:
             raise r.corrupt(f"bad magic number {magic:#x} (expected {LIST_MAGIC:#x})")
         r.unpack("Q", "the reserved header field")
         n_arrays = r.unpack("Q", "the array count")
-        # Every array takes at least 20 bytes (legacy ndim, one dim, context, dtype), which bounds the count.
-        if n_arrays * 20 > r.remaining():
+        # Every array takes at least a legacy ndim, one dim, a context and a dtype, which bounds the count.
+        if n_arrays * (4 + 4 + 8 + 4) > r.remaining():
             raise r.corrupt(f"{n_arrays} arrays announced in a {r.size}-byte file")
         arrays = [_read_array(r, i) for i in range(n_arrays)]
         n_names = r.unpack("Q", "the name count")

@@ -117,6 +117,19 @@ def pending(ids: Iterable[str], out_dir: str | os.PathLike, suffix: str) -> list
     return [i for i in dist.shard(list(ids)) if not (out_dir / f"{i}{suffix}").is_file()]
 
 
+def prepare_outputs(ids: list[str], outputs: dict[str, dict[str, Any]], base: str, suffix: str
+                    ) -> tuple[list[Path], list[str]]:
+    """Output folders of a per-image step that writes one file per image into each of several folders.
+
+    ``outputs`` maps each folder to its own settings; each is stamped with ``base`` (the fingerprint of
+    the inputs they share) and those (``prepare_output_dir``). Returns the folders in the order given and
+    this rank's share of ``ids`` that some folder still lacks.
+    """
+    dirs = [prepare_output_dir(d, fingerprint(base=base, **settings), f"*{suffix}") for d, settings in outputs.items()]
+    missing = set().union(*(pending(ids, d, suffix) for d in dirs))
+    return dirs, [i for i in dist.shard(ids) if i in missing]
+
+
 def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, producer: str, fix: str = "") -> None:
     """``UserError`` unless ``out_dir/<id><suffix>`` exists for every id; ``fix`` replaces the default advice
     (run ``producer`` on this list)."""

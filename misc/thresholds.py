@@ -42,12 +42,17 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
-def calibrated(best: float, rw_normalize: bool) -> dict[str, float]:
-    """The thresholds that follow from a best CAM threshold ``best`` (in (0, 1)), rounded to 0.01."""
+def carried(reference: float, best: float) -> float:
+    """A threshold chosen for CAMs whose best threshold is ``REFERENCE_BEST``, carried over to CAMs whose
+    best is ``best``: the same distance from the best in logit space."""
     if not 0 < best < 1:
         raise ValueError(f"best CAM threshold {best} is not in (0, 1)")
-    shift = _logit(best) - _logit(REFERENCE_BEST)
-    out = {name: round(_sigmoid(_logit(ref) + shift), 2) for name, ref in REFERENCE.items()}
+    return _sigmoid(_logit(reference) + _logit(best) - _logit(REFERENCE_BEST))
+
+
+def calibrated(best: float, rw_normalize: bool) -> dict[str, float]:
+    """The thresholds that follow from a best CAM threshold ``best`` (in (0, 1)), rounded to 0.01."""
+    out = {name: round(carried(ref, best), 2) for name, ref in REFERENCE.items()}
     if rw_normalize:
         out.update({name: round(best, 2) for name in WALKED})
     return out
