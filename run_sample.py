@@ -44,6 +44,7 @@ from misc.metrics import headline, seed_details
 from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
 from net.backbone import read_checkpoint
+from net.factory import BACKBONE_NAMES
 
 log = logging.getLogger("wsss")
 
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--segmenter", choices=sorted(methods.SEGMENTERS), default="deeplab")
 
     g = p.add_argument_group("networks")
-    g.add_argument("--backbone", choices=["resnet50", "resnet101", "efficientnet_lite0"], default=None)
+    g.add_argument("--backbone", choices=BACKBONE_NAMES, default=None)
     g.add_argument("--backbone_weights", default=None, help="checkpoint path, registry name, or none")
     g.add_argument("--cam_weights", default=None, help="evaluate these CAM weights instead of training")
     g.add_argument("--irn_weights", default=None, help="use these IRN weights instead of training")
@@ -276,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("DeepLab (spec 11)")
     g.add_argument("--deeplab_arch", choices=["v2", "v3+"], default=None)
-    g.add_argument("--deeplab_backbone", choices=["resnet50", "resnet101", "efficientnet_lite0"], default=None)
+    g.add_argument("--deeplab_backbone", choices=BACKBONE_NAMES, default=None)
     g.add_argument("--deeplab_weights", default=None)
     g.add_argument("--deeplab_train_list", default=None, help="ids DeepLab trains on (default: --train_list)")
     g.add_argument("--deeplab_output_stride", type=int, choices=[8, 16], default=None)

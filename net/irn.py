@@ -93,7 +93,7 @@ class IRN(nn.Module):
         branch) and fitted to the grid size implied by the input, so uncommon strides work too.
         """
         with torch.no_grad():  # frozen: keep no activations for backward
-            feats = [f.detach() for f in self.backbone(x)]
+            feats = [self.backbone.tap(i, f).detach() for i, f in enumerate(self.backbone(x))]
         s4 = (_grid(x.shape[-2], 4), _grid(x.shape[-1], 4))
         s8 = (_grid(x.shape[-2], 8), _grid(x.shape[-1], 8))
 

@@ -29,6 +29,9 @@ class FakeBackbone(nn.Module):
         return [conv(F.avg_pool2d(x, s, s, ceil_mode=self.ceil)) for conv, s in
                 zip(self.convs, self.strides, strict=True)]
 
+    def tap(self, level: int, x: Tensor) -> Tensor:
+        return x
+
     def freeze_levels(self, n: int) -> None:
         for conv in self.convs[:n]:
             conv.requires_grad_(False)
