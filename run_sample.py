@@ -141,6 +141,32 @@ PRESETS["photos"] = {
     "deeplab_ckpt_every": 200,
 }
 
+# What ``--eval_released`` evaluates: CDA's released weights of each method it was published on (its README;
+# irnet_cda spec 13, seam_affinitynet spec 5), with the inference settings of that method's reference. The
+# ResNet-38 files hold whole networks, so no ImageNet backbone is loaded first.
+RELEASED: dict[str, dict[str, object]] = {
+    "irn": {"cam_weights": "cda_irnet_resnet50_cam", "irn_weights": "cda_irnet_resnet50_irn"},
+    "psa": {"backbone": "resnet38", "backbone_weights": None, "cam_method": "cam", "refiner": "affinitynet",
+            "cam_weights": "cda_resnet38_psa_cam", "affinity_weights": "cda_resnet38_psa_aff",
+            "cam_scales": (1.0, 0.5, 1.5, 2.0), "aff_rw_alpha": 16.0, "aff_beta": 8.0, "aff_logt": 8},
+    "seam": {"backbone": "resnet38", "backbone_weights": None, "cam_method": "seam", "refiner": "affinitynet",
+             "cam_weights": "cda_resnet38_seam_cam", "affinity_weights": "cda_resnet38_seam_aff",
+             "cam_scales": (0.5, 1.0, 1.5, 2.0), "aff_rw_alpha": 6.0, "aff_beta": 8.0, "aff_logt": 6},
+}
+
+
+def _released_method(value: str) -> str | None:
+    """``--eval_released``: a method of ``RELEASED``, ``true`` (IRNet's, as before) or ``false``."""
+    lowered = value.lower()
+    if lowered in RELEASED:
+        return lowered
+    if lowered in ("false", "no", "0", "none"):
+        return None
+    if lowered in ("true", "yes", "1"):
+        return "irn"
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(RELEASED)}, true or false, got {value!r}")
+
+
 # Every step any plug-in brings gets a ``--<flag>_pass`` switch; the chosen plug-ins decide which run.
 PLUGINS = [*methods.CAM_METHODS.values(), *methods.REFINERS.values(), *methods.SEGMENTERS.values()]
 STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugin.steps)) + ["make_aug_fg", "report"]
@@ -202,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--irn_weights", default=None, help="use these IRN weights instead of training")
     g.add_argument(
         "--eval_released",
-        type=str2bool,
-        default=False,
-        help="download CDA's released ResNet-50 CAM and IRN weights and run make_cam -> eval -> pseudo masks -> eval",
+        type=_released_method,
+        default=None,
+        help="download CDA's released weights of one method and run make_cam -> eval -> pseudo masks -> eval: "
+             f"{', '.join(RELEASED)} ('true' = irn)",
     )
 
     g = p.add_argument_group("CAM (spec 3-5)")
@@ -482,8 +509,11 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     if args.eval_released:
         if args.demo:
             parser.error("--eval_released evaluates VOC models: give --voc12_root as well")
-        args.cam_weights = args.cam_weights or "cda_irnet_resnet50_cam"
-        args.irn_weights = args.irn_weights or "cda_irnet_resnet50_irn"
+        for name, value in RELEASED[args.eval_released].items():
+            if name.endswith("_weights") and name != "backbone_weights":
+                setattr(args, name, getattr(args, name) or value)  # weights the user gives win
+            else:
+                setattr(args, name, value)  # the settings the released weights were made with
         args.cda = False
         args.train_deeplab_pass = args.eval_deeplab_pass = False
     if None not in (args.conf_bg_thres, args.conf_fg_thres) and args.conf_bg_thres >= args.conf_fg_thres:

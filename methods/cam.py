@@ -16,6 +16,10 @@ from misc.weights import resolve_weights
 from net.cam import CAMNet
 from net.factory import build_backbone
 
+# Levels the CAM network freezes where its reference differs from IRNet's (levels 0-2): PSA trains ResNet-38
+# from b3 up (seam_affinitynet spec 1.5).
+FROZEN_LEVELS = {"resnet38": 1}
+
 
 def cam_optimizer(args: argparse.Namespace, max_step: int) -> Callable[[nn.Module], PolyOptimizer]:
     """The CAM recipe's optimiser for a ``CAMNet``: poly over ``max_step`` steps, backbone at ``--cam_learning_rate``
@@ -39,7 +43,8 @@ class PlainCAM(CAMMethod):
     name = "cam"
 
     def build(self, args: argparse.Namespace, num_classes: int) -> CAMNet:
-        return CAMNet(build_backbone(args.backbone, resolve_weights(args.backbone_weights)), num_classes)
+        return CAMNet(build_backbone(args.backbone, resolve_weights(args.backbone_weights)), num_classes,
+                      frozen_levels=FROZEN_LEVELS.get(args.backbone, 3))
 
     def stages(self, args: argparse.Namespace, steps_per_epoch: int,
                poly_length: Callable[[int], int]) -> list[Stage]:

@@ -1,8 +1,10 @@
-"""Loading checkpoints into our networks, converting those of the reference IRNet/CDA code on the way.
+"""Loading checkpoints into our networks, converting those of the reference code on the way.
 
-:func:`load_weights` loads our own checkpoints as they are and maps those of the reference code
+:func:`load_weights` loads our own checkpoints as they are, maps those of the reference IRNet/CDA code
 (``net/resnet50_cam.py``, ``net/resnet50_irn.py``) onto our ``CAMNet``/``IRN`` key layout
-(:func:`convert_reference_checkpoint`). Weights are named by path, registry name or URL (``misc.weights``).
+(:func:`convert_reference_checkpoint`), and those of PSA / SEAM's ResNet-38 networks (and CDA's released
+ResNet-38 files) onto ours (:func:`convert_resnet38_checkpoint`). Weights are named by path, registry
+name or URL (``misc.weights``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,32 @@ def _reference_prefixes(target: str) -> dict[str, str]:
     else:
         raise ValueError(f"target must be 'cam' or 'irn', got {target!r}")
     return {"resnet50.": "backbone."} | {k: "backbone." + v for k, v in stages.items()} | heads
+
+
+# Top-level module names of PSA / SEAM's ResNet-38 networks (seam_affinitynet spec 1.3), which CDA's released
+# ResNet-38 files use too. Our networks hold that backbone as ``backbone`` and keep PSA's head names
+# (``net.affinitynet``, ``net.seam``), except the plain CAM network's classifier (PSA's ``fc8``).
+_RESNET38_BACKBONE = re.compile(r"(conv1a|b\d(_\d)?|bn7)\.")
+
+
+def is_resnet38_layout(state_dict: dict[str, Tensor]) -> bool:
+    """True if the keys are those of a PSA / SEAM / CDA ResNet-38 network (backbone keys at the top level)."""
+    return any(_RESNET38_BACKBONE.match(k) for k in _strip_module(state_dict))
+
+
+def convert_resnet38_checkpoint(state_dict: dict[str, Tensor], own_keys: set[str]) -> dict[str, Tensor]:
+    """Map a PSA / SEAM / CDA ResNet-38 state dict onto our network whose keys are ``own_keys``: backbone
+    keys under ``backbone.``, ``fc8`` as ``classifier`` where the network calls it so, other heads as they
+    are (a head that does not fit is then reported by the strict load)."""
+    rename_fc8 = "fc8.weight" not in own_keys and "classifier.weight" in own_keys
+    out = {}
+    for key, tensor in _strip_module(state_dict).items():
+        if _RESNET38_BACKBONE.match(key):
+            key = "backbone." + key
+        elif rename_fc8 and key.startswith("fc8."):
+            key = "classifier." + key[len("fc8."):]
+        out[key] = tensor
+    return out
 
 
 def is_reference_layout(state_dict: dict[str, Tensor]) -> bool:
@@ -129,4 +157,7 @@ def load_weights(model: nn.Module, spec: str | os.PathLike, target: str, *, part
         note(f"{path}: reference IRNet/CDA {target} layout, {len(state)} entries -> {len(converted)} tensors "
               "(duplicate names merged, training-only buffers dropped)")
         state = converted
+    elif is_resnet38_layout(state):
+        state = convert_resnet38_checkpoint(state, set(model.state_dict()))
+        note(f"{path}: PSA / SEAM ResNet-38 layout, loaded into our {target} network")
     return load_state(model, state, source=str(path), strict=not partial, ignore_prefixes=())

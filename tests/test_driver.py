@@ -99,3 +99,15 @@ def test_eval_released_uses_registry_weights_and_skips_training(tmp_path):
     assert not (args.train_cam_pass or args.train_irn_pass or args.cda or args.train_deeplab_pass)
     with pytest.raises(UserError, match="--voc12_root"):
         run_sample.make_args(["--eval_released", "true"])
+
+
+def test_eval_released_psa_walks_cda_s_resnet38_files_with_psa_s_settings(tmp_path, capsys):
+    args = run_sample.make_args(["--voc12_root", str(tmp_path / "VOC2012"), "--eval_released", "psa",
+                                 "--affinity_weights", "mine.pth"])
+    assert (args.backbone, args.backbone_weights, args.refiner) == ("resnet38", None, "affinitynet")
+    assert args.cam_weights == "cda_resnet38_psa_cam" and args.affinity_weights == "mine.pth"  # given weights win
+    assert (args.aff_rw_alpha, args.aff_logt, tuple(args.cam_scales)) == (16.0, 8, (1.0, 0.5, 1.5, 2.0))
+    assert not (args.train_cam_pass or args.train_affinity_pass or args.cda or args.train_deeplab_pass)
+    assert run_sample.main(["--voc12_root", str(tmp_path / "VOC2012"), "--eval_released", "psx",
+                            "--work_dir", str(tmp_path / "w")]) == 2
+    assert "--eval_released" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -20,10 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import net.factory
+from methods.cam import FROZEN_LEVELS
 from misc import weights
+from misc.convert import load_weights
 from misc.errors import UserError
 from misc.mxnet_params import convert_mxnet_names, read_params
+from net.affinitynet import AffinityNet
 from net.backbone import load_state, read_checkpoint
+from net.cam import CAMNet
 from net.deeplab import DeepLab
 from net.factory import build_backbone
 from net.irn import IRN
@@ -349,3 +353,33 @@ def test_registry_lists_the_resnet38_files() -> None:
         assert (e.initialises, e.backbone, e.sha256) == (initialises, "resnet38", None)
         assert "unverified" in e.note
     assert {e.name for e in reg.values() if e.backbone == "resnet38"} == {"resnet38d_a1_imagenet", *expected}
+
+
+# ------------------------------------------------------------------- PSA / SEAM / CDA whole networks
+
+
+def test_psa_cam_and_affinity_files_load_into_our_networks(tmp_path: Path, model: ResNet38, other: ResNet38):
+    # A PSA / CDA CAM network file: backbone keys at the top level, the classifier as fc8, saved from
+    # DataParallel; it must load into our CAM network with every tensor in its place.
+    torch.manual_seed(2)
+    cam = CAMNet(model, 20, frozen_levels=FROZEN_LEVELS["resnet38"])
+    psa_cam = {"module." + k.removeprefix("backbone.").replace("classifier.", "fc8."): v
+               for k, v in state(cam).items()}
+    assert "module.fc8.weight" in psa_cam and "module.b4_5.conv_branch2b1.weight" in psa_cam
+    torch.save(psa_cam, tmp_path / "psa_cam.pth")
+    ours = CAMNet(other, 20, frozen_levels=FROZEN_LEVELS["resnet38"])
+    load_weights(ours, tmp_path / "psa_cam.pth", "cam")
+    x = torch.randn(1, 3, 40, 48)
+    assert torch.equal(ours.eval().cam(x), cam.eval().cam(x))
+
+    aff = AffinityNet(model)
+    psa_aff = {k.removeprefix("backbone."): v for k, v in state(aff).items()}
+    assert {"f8_3.weight", "f8_4.weight", "f8_5.weight", "f9.weight"} <= set(psa_aff)
+    assert psa_aff["f9.weight"].shape == (448, 448, 1, 1) and psa_aff["f8_5.weight"].shape == (256, 4096, 1, 1)
+    torch.save(psa_aff, tmp_path / "psa_aff.pth")
+    ours_aff = AffinityNet(other)
+    load_weights(ours_aff, tmp_path / "psa_aff.pth", "affinity")
+    assert torch.equal(ours_aff.eval()(x), aff.eval()(x))
+    # An AffinityNet file where CAM weights go: its heads are named, and nothing loads.
+    with pytest.raises(UserError, match="f8_3"):
+        load_weights(CAMNet(ResNet38(), 20), tmp_path / "psa_aff.pth", "cam")
