@@ -67,34 +67,44 @@ def latest(rows: list[dict], step: str, variant: str, **match: object) -> dict |
     return found[-1] if found else None
 
 
+# The rows of every stage table: (stage, metrics step, field, fields the row must match). "sweep" is the
+# best value of eval_cam's threshold sweep; "ignored" a fraction, reported in percent.
+STAGES: tuple[tuple[str, str, str, dict[str, object]], ...] = (
+    ("best CAM threshold", "eval_cam", "best_threshold", {}),
+    ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
+    ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
+    ("IR seeds: fg precision", "eval_ir_label", "fg_precision", {}),
+    ("IR seeds: fg recall", "eval_ir_label", "fg_recall", {}),
+    ("IR seeds: bg precision", "eval_ir_label", "bg_precision", {}),
+    ("IR seeds: bg recall", "eval_ir_label", "bg_recall", {}),
+    ("pseudo-mask mIoU", "eval_sem_seg", "miou", {"postprocess": None}),
+    ("DeepLab's masks: mIoU of labelled pixels", "eval_sem_seg", "miou", {"postprocess": "ignore_uncertain"}),
+    ("DeepLab's masks: % of pixels ignored", "eval_sem_seg", "ignored", {"postprocess": "ignore_uncertain"}),
+    ("instance mAP@0.5", "eval_ins_seg", "map", {}),
+    ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf"}),
+    ("DeepLab val mIoU, CRF", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf+crf"}),
+)
+
+
+def stage_values(rows: list[dict], variant: str) -> dict[str, float]:
+    """The latest value of every stage of ``STAGES`` that round ``variant`` of a run recorded."""
+    out = {}
+    for stage, step, key, match in STAGES:
+        row = latest(rows, step, variant, **match)
+        if row is not None and row[key] is not None:
+            value = max(row["sweep"].values()) if key == "sweep" else row[key]
+            out[stage] = 100 * value if key == "ignored" else value
+    return out
+
+
 def summarise(works: list[Path]) -> tuple[dict, dict]:
     """{(stage, variant): [value per seed]} and {(variant, step): seconds} of the first seed's first run."""
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for work in works:
         rows = read_metrics(work)
         for variant in ("baseline", "cda"):
-            for stage, step, key, match in (
-                ("best CAM threshold", "eval_cam", "best_threshold", {}),
-                ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
-                ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
-                ("IR seeds: fg precision", "eval_ir_label", "fg_precision", {}),
-                ("IR seeds: fg recall", "eval_ir_label", "fg_recall", {}),
-                ("IR seeds: bg precision", "eval_ir_label", "bg_precision", {}),
-                ("IR seeds: bg recall", "eval_ir_label", "bg_recall", {}),
-                ("pseudo-mask mIoU", "eval_sem_seg", "miou", {"postprocess": None}),
-                ("DeepLab's masks: mIoU of labelled pixels", "eval_sem_seg", "miou",
-                 {"postprocess": "ignore_uncertain"}),
-                ("DeepLab's masks: % of pixels ignored", "eval_sem_seg", "ignored",
-                 {"postprocess": "ignore_uncertain"}),
-                ("instance mAP@0.5", "eval_ins_seg", "map", {}),
-                ("DeepLab val mIoU", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf"}),
-                ("DeepLab val mIoU, CRF", "eval_deeplab", "miou", {"labels": "pseudo", "postprocess": "msf+crf"}),
-            ):
-                row = latest(rows, step, variant, **match)
-                if row is not None and row[key] is not None:
-                    value = max(row["sweep"].values()) if key == "sweep" else row[key]
-                    value = 100 * value if key == "ignored" else value
-                    values[(stage, variant)].append(value)
+            for stage, value in stage_values(rows, variant).items():
+                values[(stage, variant)].append(value)
         gt_rows = [r for r in rows if r["step"] == "eval_deeplab" and r.get("labels") == "gt"]
         if gt_rows:
             gt_row = gt_rows[-1]
@@ -111,7 +121,7 @@ def summarise(works: list[Path]) -> tuple[dict, dict]:
     return values, times
 
 
-def _fmt(vals: list[float], digits: int = 1) -> str:
+def fmt(vals: list[float], digits: int = 1) -> str:
     if not vals:
         return "-"
     if len(vals) == 1:
@@ -130,19 +140,15 @@ def report(works: list[Path], seeds: list[int], baselines: dict[str, float], com
         "| stage | baseline (IRNet) | CDA |",
         "| --- | --- | --- |",
     ]
-    stages = ["best CAM threshold", "CAM mIoU (thr 0.15)", "CAM mIoU (best thr)", "IR seeds: fg precision",
-              "IR seeds: fg recall", "IR seeds: bg precision", "IR seeds: bg recall", "pseudo-mask mIoU",
-              "DeepLab's masks: mIoU of labelled pixels", "DeepLab's masks: % of pixels ignored",
-              "instance mAP@0.5", "DeepLab val mIoU", "DeepLab val mIoU, CRF"]
-    for stage in stages:
+    for stage, *_ in STAGES:
         if not any((stage, variant) in values for variant in ("baseline", "cda")):
             continue
         digits = 2 if stage == "best CAM threshold" else 1
-        base, cda = (_fmt(values.get((stage, variant), []), digits) for variant in ("baseline", "cda"))
+        base, cda = (fmt(values.get((stage, variant), []), digits) for variant in ("baseline", "cda"))
         lines.append(f"| {stage} | {base} | {cda} |")
     gt = values.get(("DeepLab val mIoU", "ground truth (upper bound)"))
     if gt:
-        lines.append(f"| DeepLab val mIoU, trained on ground truth | {_fmt(gt)} | |")
+        lines.append(f"| DeepLab val mIoU, trained on ground truth | {fmt(gt)} | |")
     lines += ["", "Trivial baselines on the same `train` split: "
               + ", ".join(f"{k} {v:.1f} mIoU" for k, v in baselines.items()) + ".", "",
               "Per-seed values: `" + json.dumps({f"{s} / {v}": [round(x, 2) for x in vals]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import demo_runs
+from bench import compare, demo_runs
 from bench.suite import COLUMNS, END, START
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,3 +83,35 @@ def test_demo_runs_sections_are_replaced_by_name(tmp_path):
     assert "demo numbers" in text and "newer photo numbers" in text and "\nphoto numbers" not in text
     assert text.count("## Real photos") == 1 and text.count("<!-- photos:start -->") == 1
     assert text.index("<!-- demo:start -->") < text.index("<!-- photos:start -->")
+
+
+def _finished_run(work: Path, miou: float) -> None:
+    (work / "baseline" / "sem_seg").mkdir(parents=True)
+    (work / "config.yaml").write_text("seed: 0\n")
+    (work / "baseline" / "sem_seg" / "a.png").write_bytes(b"mask")
+    rows = [{"step": "eval_sem_seg", "variant": "baseline", "split": "train", "miou": miou},
+            {"step": "eval_cam", "variant": "cda", "split": "train", "miou": miou - 5, "best_threshold": 0.5,
+             "sweep": {"0.5": miou - 3}}]
+    (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_compare_derives_without_touching_the_base_and_reports_finished_seeds_only(tmp_path):
+    base = tmp_path / "runs" / "demo"
+    for seed, miou in ((0, 40.0), (1, 44.0)):
+        _finished_run(base / f"seed{seed}", miou)
+    work = tmp_path / "runs" / "demo_x" / "seed0"
+    compare.derive_seed(base / "seed0", work)
+    png, metrics = (work / "baseline" / "sem_seg" / "a.png"), work / "metrics.jsonl"
+    assert os.path.samefile(png, base / "seed0" / "baseline" / "sem_seg" / "a.png")
+    assert not os.path.samefile(metrics, base / "seed0" / "metrics.jsonl")  # appended to: a real copy
+    assert (work / compare.BASE_CONFIG).read_text() == "seed: 0\n"
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"step": "eval_sem_seg", "variant": "baseline", "split": "train", "miou": 50.0}) + "\n")
+    assert "50.0" not in (base / "seed0" / "metrics.jsonl").read_text()
+
+    arms = [compare.parse_arm(a) for a in (f"plain={base}", f"plain CDA={base}:cda", f"x={work.parent}")]
+    body = compare.report(arms, [0, 1], "cmd")
+    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | - |" in body  # the derived seed has no completion mark yet
+    assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - |" in body
+    (work / compare.DONE).write_text("flags\n")
+    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | 50.0 |" in compare.report(arms, [0, 1], "cmd")
