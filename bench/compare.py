@@ -12,8 +12,8 @@
 links (nothing is copied twice, and a step that rewrites a file replaces the link), every other file
 (metrics, logs, manifests, anything appended or rewritten in place) a real copy, so the base run is never
 touched. It then resumes the copy with the base run's settings plus the given flags, so only the steps
-whose inputs change run again. Only seeds whose run finished count in ``report`` (a failed or
-interrupted derived run is not mistaken for its base).
+whose inputs change run again. In ``report`` a derived arm shows only the stages it recomputed (``-``
+for the others), and only its seeds whose run finished count.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from misc.io import read_metrics
 # with the base run as hard links.
 LINKED_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz", ".pth")
 BASE_CONFIG = "config.base.yaml"
+BASE_ROWS = "compare.base_rows"
 DONE = "compare.done"
 
 
@@ -49,8 +50,10 @@ def derive_seed(base: Path, work: Path) -> None:
             os.link(src, dst)
         else:
             shutil.copy2(src, dst)
-    # config.yaml is rewritten by every run; the base's settings are kept aside for every resumption.
+    # config.yaml is rewritten by every run; the base's settings are kept aside for every resumption, and the
+    # number of metrics rows the copy inherited, so that the arm reports only what it recomputed.
     shutil.copy2(base / "config.yaml", work / BASE_CONFIG)
+    (work / BASE_ROWS).write_text(f"{len(read_metrics(work))}\n")
 
 
 def derive(base_root: Path, name: str, seeds: list[int], flags: list[str]) -> list[Path]:
@@ -82,8 +85,16 @@ def parse_arm(text: str) -> tuple[str, Path, str]:
 
 def finished(work: Path) -> bool:
     """A base run has its config; a derived run also its completion mark."""
-    derived = (work / BASE_CONFIG).is_file()
+    derived = (work / BASE_ROWS).is_file()
     return (work / "config.yaml").is_file() and (not derived or (work / DONE).is_file())
+
+
+def own_rows(work: Path) -> list[dict]:
+    """The metrics rows of a run; of a derived run, only those it wrote itself (a stage it did not recompute
+    reports nothing, rather than its base's value)."""
+    rows = read_metrics(work)
+    inherited = int((work / BASE_ROWS).read_text()) if (work / BASE_ROWS).is_file() else 0
+    return rows[inherited:]
 
 
 def report(arms: list[tuple[str, Path, str]], seeds: list[int], command: str) -> str:
@@ -95,7 +106,7 @@ def report(arms: list[tuple[str, Path, str]], seeds: list[int], command: str) ->
         counts[label] = len(works)
         per_stage: dict[str, list[float]] = {}
         for work in works:
-            for stage, value in stage_values(read_metrics(work), variant).items():
+            for stage, value in stage_values(own_rows(work), variant).items():
                 per_stage.setdefault(stage, []).append(value)
         values[label] = per_stage
     labels = [label for label, _, _ in arms]

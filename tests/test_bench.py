@@ -109,9 +109,13 @@ def test_compare_derives_without_touching_the_base_and_reports_finished_seeds_on
         f.write(json.dumps({"step": "eval_sem_seg", "variant": "baseline", "split": "train", "miou": 50.0}) + "\n")
     assert "50.0" not in (base / "seed0" / "metrics.jsonl").read_text()
 
-    arms = [compare.parse_arm(a) for a in (f"plain={base}", f"plain CDA={base}:cda", f"x={work.parent}")]
+    arms = [compare.parse_arm(a) for a in (f"plain={base}", f"plain CDA={base}:cda", f"x={work.parent}",
+                                            f"x CDA={work.parent}:cda")]
     body = compare.report(arms, [0, 1], "cmd")
-    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | - |" in body  # the derived seed has no completion mark yet
-    assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - |" in body
+    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | - | - |" in body  # the derived seed has no completion mark yet
+    assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - | - |" in body
     (work / compare.DONE).write_text("flags\n")
-    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | 50.0 |" in compare.report(arms, [0, 1], "cmd")
+    body = compare.report(arms, [0, 1], "cmd")
+    # The derived arm recomputed the masks only: its CAM row is not its base's.
+    assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | 50.0 | - |" in body
+    assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - | - |" in body
