@@ -19,6 +19,7 @@ for the others), and only its seeds whose run finished count.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from misc.io import read_metrics
 # with the base run as hard links.
 LINKED_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz", ".pth")
 BASE_CONFIG = "config.base.yaml"
-BASE_ROWS = "compare.base_rows"
+BASE_ROWS = "compare.base_metrics.jsonl"
 DONE = "compare.done"
 
 
@@ -51,9 +52,9 @@ def derive_seed(base: Path, work: Path) -> None:
         else:
             shutil.copy2(src, dst)
     # config.yaml is rewritten by every run; the base's settings are kept aside for every resumption, and the
-    # number of metrics rows the copy inherited, so that the arm reports only what it recomputed.
+    # metrics rows the copy inherited, so that the arm reports only what it recomputed.
     shutil.copy2(base / "config.yaml", work / BASE_CONFIG)
-    (work / BASE_ROWS).write_text(f"{len(read_metrics(work))}\n")
+    shutil.copy2(base / "metrics.jsonl", work / BASE_ROWS)
 
 
 def derive(base_root: Path, name: str, seeds: list[int], flags: list[str]) -> list[Path]:
@@ -93,8 +94,12 @@ def own_rows(work: Path) -> list[dict]:
     """The metrics rows of a run; of a derived run, only those it wrote itself (a stage it did not recompute
     reports nothing, rather than its base's value)."""
     rows = read_metrics(work)
-    inherited = int((work / BASE_ROWS).read_text()) if (work / BASE_ROWS).is_file() else 0
-    return rows[inherited:]
+    if not (work / BASE_ROWS).is_file():
+        return rows
+    # A step that reruns replaces its row (misc.io.record_metrics); a row still equal to an inherited one was
+    # not recomputed.
+    inherited = set((work / BASE_ROWS).read_text().splitlines())
+    return [r for r in rows if json.dumps(r) not in inherited]
 
 
 def report(arms: list[tuple[str, Path, str]], seeds: list[int], command: str) -> str:
