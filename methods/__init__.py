@@ -13,9 +13,10 @@ from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
 from methods.irn import IRNRefiner
 from methods.ppl import PPL
+from methods.seam import SEAM
 from misc.errors import UserError
 
-CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL)}
+CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM)}
 REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner)}
 SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter,)}
 
