@@ -46,12 +46,15 @@ class CAMMethod(Plugin):
 
     ``settings``: the ``args`` fields (beyond the CAM training ones) that shape the trained weights, part
     of the weights' fingerprint. ``steps``: the round's CAM steps (the generic three, unless the method
-    brings its own).
+    brings its own). ``subtract_min``: how make_cam normalises the method's maps.
     """
 
     name: ClassVar[str]
     settings: ClassVar[tuple[str, ...]] = ()
     steps: ClassVar[StepList] = (("train_cam", "train_cam"), ("make_cam", "make_cam"), ("eval_cam", "eval_cam"))
+    # make_cam divides each class's fused map by its max; a method whose maps sit on a floor (SEAM's PCM output
+    # is a weighted mean over the whole image) subtracts their min first.
+    subtract_min: ClassVar[bool] = False
 
     def build(self, args: argparse.Namespace, num_classes: int) -> nn.Module:
         """The network on the CPU, its backbone on ``args.backbone_weights`` (ImageNet)."""

@@ -14,15 +14,12 @@ averaged over originals and composites (spec 5; the ECR's top-k is per sample, s
 The CAMs are the PCM-refined map's foreground channels in eval mode (spec 4.5). Deviations, each for a
 stated reason:
 
-- ``make_cam`` fuses scales and flips and divides each class by its maximum, as for every CAM method; SEAM's
-  inference subtracts the class's minimum first (``(S - m) / (M - m)``), and the generic step has no
-  per-method normalisation. The difference is not small: every PCM pixel averages all similar pixels, so the
-  refined map's minimum is far from 0 (on the tiny demo test run each class's minimum is ~0.58 of its
-  maximum, against ~0.0005 for the plain CAM). Our maps therefore sit on a raised floor and need a higher
-  background threshold: re-scored on that run, the best CAM mIoU is 36.9 at threshold 0.75 with our
-  normalisation and 39.2 at 0.40 with SEAM's (CDA round: 34.6 at 0.65 vs 35.9 at 0.40).
-  ``--calibrate_thresholds`` follows the shifted threshold; absolute thresholds (``--cam_eval_thres``, PSA's
-  alphas) do not. Absent classes are never written (the reference's -1 planes, spec 6 #17, do not arise).
+- Normalisation: as SEAM's inference (spec 4.5), ``make_cam`` subtracts each class's minimum before dividing
+  by its maximum (``subtract_min``), clamped at 0 (spec 6 #17). It matters: every PCM pixel averages all
+  similar pixels, so the refined map's minimum is far from 0 (on the tiny demo test run ~0.58 of its
+  maximum, against ~0.0005 for the plain CAM); divided by the max alone, the best CAM mIoU of that run was
+  36.9 at threshold 0.75, against 39.2 at 0.40 with the minimum subtracted (CDA round: 34.6 at 0.65 vs 35.9
+  at 0.40). Absent classes are never written (the reference's -1 planes do not arise).
 - ``make_cam`` resizes each scale to the image's size through the 16-multiple padding of IRNet's alignment,
   not straight to ``H x W``: a sub-pixel shift, the same for every CAM method.
 - ``max_onehot`` is out of place (spec 6 #16); PCM input unmasked and fc8's background row untrained are
@@ -52,6 +49,7 @@ class SEAM(PlainCAM):
 
     name = "seam"
     settings = ("seam_scale", "seam_ohem")
+    subtract_min = True
 
     def __init__(self, scale: float = SEAM_SCALE, ohem: float = SEAM_OHEM) -> None:
         # The loss settings; ``build`` takes them from the flags (the steps call it before ``losses``).

@@ -72,7 +72,7 @@ def multiscale_cam(
     """Fuse flip-summed CAMs over scales (spec 4 steps 1-6).
 
     pairs: per scale a (2, 3, h_s, w_s) [image, flipped] batch on the model's device; keys: (k,) classes.
-    Returns (cam (k, H4, W4), high_res (k, H, W)), float32, each class divided by its max (+1e-5).
+    Returns (cam (k, H4, W4), high_res (k, H, W)), float32, each class normalised to a max of 1 (``normalise``).
     """
     h, w = size
     strided = strided_size(h, w)
@@ -90,9 +90,15 @@ def multiscale_cam(
         cam = cam + F.interpolate(fused, strided, mode="bilinear", align_corners=False)[0]
         # Resized to the 16-multiple size then cropped, not resized to (H, W): keeps the reference alignment.
         high_res = high_res + F.interpolate(fused, padded16, mode="bilinear", align_corners=False)[0, :, :h, :w]
-    cam = cam / (cam.flatten(1).amax(1)[:, None, None] + 1e-5)
-    high_res = high_res / (high_res.flatten(1).amax(1)[:, None, None] + 1e-5)
-    return cam, high_res
+    return normalise(cam, method.subtract_min), normalise(high_res, method.subtract_min)
+
+
+def normalise(maps: torch.Tensor, subtract_min: bool = False) -> torch.Tensor:
+    """``(k, h, w)`` fused maps -> each class divided by its max (+1e-5); with ``subtract_min``, first shifted
+    so that its min is 0 (SEAM, seam_affinitynet spec 4.5, clamped at 0 where the reference leaves -1e-5)."""
+    if subtract_min:
+        maps = (maps - maps.flatten(1).amin(1)[:, None, None]).clamp_min(0)
+    return maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)
 
 
 def load_cam_net(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

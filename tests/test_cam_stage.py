@@ -11,7 +11,7 @@ from misc.io import load_cam, save_cam
 from misc.labels import scores_to_label
 from misc.pipeline import prepare_output_dir
 from step import eval_cam, make_cam
-from step.make_cam import multiscale_cam, strided_size
+from step.make_cam import multiscale_cam, normalise, strided_size
 
 
 class ConstantCAM(torch.nn.Module):
@@ -121,3 +121,11 @@ def test_an_image_without_classes_gets_empty_cams():
     cam, high = multiscale_cam(PlainCAM(), model, pairs, (8, 12), torch.zeros(0, dtype=torch.long))
     assert cam.shape == (0, 2, 3) and high.shape == (0, 8, 12)
     assert (scores_to_label(high.numpy(), np.zeros(0, np.int64), 0.15) == 0).all()
+
+
+def test_normalise_divides_by_the_max_or_maps_min_to_max_onto_0_to_1():
+    maps = torch.tensor([[[2.0, 3.0], [4.0, 6.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    plain = normalise(maps)
+    assert torch.allclose(plain[0], maps[0] / (6 + 1e-5)) and plain[1].abs().max() == 0
+    shifted = normalise(maps, subtract_min=True)  # SEAM (spec 4.5): (S - m) / (M - m)
+    assert torch.allclose(shifted[0], (maps[0] - 2) / (4 + 1e-5)) and shifted.min() == 0

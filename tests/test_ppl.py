@@ -228,5 +228,5 @@ def test_ppl_with_cda_runs_end_to_end(tiny_run, tmp_path: Path):
         cam_row = next(r for r in rows if r["step"] == "eval_cam" and r["variant"] == variant)
         mask_row = next(r for r in rows if r["step"] == "eval_sem_seg" and r["variant"] == variant
                         and r.get("postprocess") is None)
-        # Better than labelling everything background (the tiny demo's ~0.09; checked in test_cam_stage).
-        assert max(cam_row["sweep"].values()) > 0.15 and mask_row["miou"] > 0.15
+        # Better than labelling everything background (~8.6 mIoU on this split; checked in test_cam_stage).
+        assert max(cam_row["sweep"].values()) > 12 and mask_row["miou"] > 12
