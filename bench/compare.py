@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "derive":
         derive(args.base, args.name, args.seeds, args.flags)
         return 0
-    command = "python -m bench.compare " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.compare " + shlex.join(argv if argv is not None else sys.argv[1:])
     body = report(args.arm, args.seeds, command)
     print(body)
     write_section(args.out, body, args.section, args.title or args.section)
