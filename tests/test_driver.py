@@ -108,6 +108,10 @@ def test_eval_released_psa_walks_cda_s_resnet38_files_with_psa_s_settings(tmp_pa
     assert args.cam_weights == "cda_resnet38_psa_cam" and args.affinity_weights == "mine.pth"  # given weights win
     assert (args.aff_rw_alpha, args.aff_logt, tuple(args.cam_scales)) == (16.0, 8, (1.0, 0.5, 1.5, 2.0))
     assert not (args.train_cam_pass or args.train_affinity_pass or args.cda or args.train_deeplab_pass)
+    seam = run_sample.make_args(["--voc12_root", str(tmp_path / "VOC2012"), "--eval_released", "seam"])
+    assert (seam.cam_method, seam.cam_weights, seam.affinity_weights) == (
+        "seam", "cda_resnet38_seam_cam", "cda_resnet38_seam_aff")
+    assert (seam.aff_rw_alpha, seam.aff_logt, tuple(seam.cam_scales)) == (6.0, 6, (0.5, 1.0, 1.5, 2.0))
     assert run_sample.main(["--voc12_root", str(tmp_path / "VOC2012"), "--eval_released", "psx",
                             "--work_dir", str(tmp_path / "w")]) == 2
     assert "--eval_released" in capsys.readouterr().err and not (tmp_path / "w").exists()
