@@ -7,6 +7,18 @@ import numpy as np
 # Void / unlabelled pixels in every mask the pipeline reads or writes (VOC's convention).
 IGNORE = 255
 
+# Sparse labels (points, scribbles; AGMM spec 2.2) tell "no label here" apart from "no pixel here": values
+# 0..K-1 are labelled pixels of the K = num_labels mask values, K itself is an unlabelled image pixel, and
+# SPARSE_PADDING (the void value) only ever marks pixels outside the image, which a random crop pads with.
+# The losses treat the two differently (the GMM terms supervise every image pixel, labelled or not), so a
+# file that writes 255 for "unlabelled" would silently train on labelled pixels only.
+SPARSE_PADDING = IGNORE
+
+
+def unlabelled_value(num_labels: int) -> int:
+    """The value of an unlabelled image pixel in a sparse label map of ``num_labels`` classes: ``K``."""
+    return num_labels
+
 
 def scores_to_label(scores: np.ndarray, keys: np.ndarray, bg_threshold: float) -> np.ndarray:
     """(k, H, W) scores of the 0-based classes ``keys`` -> uint8 (H, W) labels.

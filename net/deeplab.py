@@ -90,9 +90,9 @@ class V3PlusHead(nn.Module):
     """
 
     def __init__(self, high_channels: int, low_channels: int, num_classes: int,
-                 rates: tuple[int, ...]) -> None:
+                 rates: tuple[int, ...], dropout: float = 0.1) -> None:
         super().__init__()
-        self.aspp = ASPPv3(high_channels, rates)
+        self.aspp = ASPPv3(high_channels, rates, dropout=dropout)
         self.reduce = _conv_bn_relu(low_channels, 48, 1)
         self.fuse = nn.Sequential(_conv_bn_relu(256 + 48, 256, 3), _conv_bn_relu(256, 256, 3))
         self.classifier = nn.Conv2d(256, num_classes, 1)
@@ -106,16 +106,22 @@ class V3PlusHead(nn.Module):
         # backbone in the first steps (one demo seed fell to 22 val mIoU). N(0, 0.01) as in DeepLab-v2.
         nn.init.normal_(self.classifier.weight, std=0.01)
 
-    def forward(self, high: Tensor, low: Tensor) -> Tensor:
+    def features(self, high: Tensor, low: Tensor) -> Tensor:
+        """The decoder's fused features ``(B, 256, H/4, W/4)``, the classifier's input (AGMM's prototypes
+        and Gaussian mixtures live in this space)."""
         low = self.reduce(low)
         high = F.interpolate(self.aspp(high), size=low.shape[2:], mode="bilinear", align_corners=False)
-        return self.classifier(self.fuse(torch.cat([high, low], dim=1)))
+        return self.fuse(torch.cat([high, low], dim=1))
+
+    def forward(self, high: Tensor, low: Tensor) -> Tensor:
+        return self.classifier(self.features(high, low))
 
 
 class DeepLab(nn.Module):
     """Backbone + DeepLab head. ``forward(x (B, 3, H, W)) -> logits (B, num_classes, H, W)``."""
 
-    def __init__(self, backbone: Backbone, arch: str, num_classes: int) -> None:
+    def __init__(self, backbone: Backbone, arch: str, num_classes: int, rates: tuple[int, ...] | None = None,
+                 dropout: float = 0.1) -> None:
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown DeepLab arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -130,24 +136,31 @@ class DeepLab(nn.Module):
             # The deepest stride-4 level carries the richest low-level features (ResNet: layer1; ResNet-38:
             # level 1, b3_2; its level 0 is at stride 2).
             self.low_level = max(i for i, s in enumerate(backbone.strides) if s == 4)
-            rates = tuple(r * 16 // self.output_stride for r in V3P_RATES_OS16)
+            if rates is None:
+                rates = tuple(r * 16 // self.output_stride for r in V3P_RATES_OS16)
             self.head = V3PlusHead(backbone.channels[-1], backbone.channels[self.low_level], num_classes,
-                                   rates)
+                                   rates, dropout)
 
-    def forward(self, x: Tensor, upsample: bool = True) -> Tensor:
+    def forward(self, x: Tensor, upsample: bool = True, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """``(B, 3, H, W)`` normalised RGB -> logits ``(B, num_classes, H, W)``; with ``upsample=False``
-        at the head's resolution (``H/output_stride`` for v2, ``H/4`` for v3+)."""
+        at the head's resolution (``H/output_stride`` for v2, ``H/4`` for v3+). ``features=True`` (v3+ only)
+        returns ``(decoder features (B, 256, H/4, W/4), logits)``: a loss that reads the features (AGMM) goes
+        through ``forward``, so a DDP wrapper still sees the call."""
         feats = self.backbone(x)
         # Heads read the levels through ``tap``: a pre-activation backbone (ResNet-38) returns raw residual
         # sums, and its activated map is what the decoder should see (identity on the other backbones).
         high = self.backbone.tap(4, feats[4])
         if self.arch == "v2":
+            if features:
+                raise ValueError("DeepLab-v2 has no decoder features: use v3+")
             logits = self.head(high)
+            feat = None
         else:
-            logits = self.head(high, self.backbone.tap(self.low_level, feats[self.low_level]))
+            feat = self.head.features(high, self.backbone.tap(self.low_level, feats[self.low_level]))
+            logits = self.head.classifier(feat)
         if upsample:
             logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
-        return logits
+        return (feat, logits) if features else logits
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(trainable backbone parameters, head parameters): trained at 1x and 10x learning rate."""
@@ -158,11 +171,12 @@ class DeepLab(nn.Module):
 
 
 def build_deeplab(arch: str, backbone: str, weights: str | os.PathLike | None, output_stride: int = 16,
-                  *, num_classes: int) -> DeepLab:
+                  *, num_classes: int, rates: tuple[int, ...] | None = None, dropout: float = 0.1) -> DeepLab:
     """DeepLab ``arch`` (``'v2'`` or ``'v3+'``) on a dilated ``backbone`` at ``output_stride`` 16 or 8.
 
     ``weights`` are the backbone's (ImageNet) weights, passed to ``build_backbone``; the head is
-    randomly initialised.
+    randomly initialised. v3+ only: ``rates`` are the ASPP's atrous rates as given (default: 6, 12, 18 at
+    output stride 16, doubled at 8), ``dropout`` the rate after its projection.
     """
     net = build_backbone(backbone, weights, dilate=True, output_stride=output_stride)
-    return DeepLab(net, arch, num_classes)
+    return DeepLab(net, arch, num_classes, rates, dropout)
