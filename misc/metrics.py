@@ -257,3 +257,17 @@ def instance_ap(
         ap[c] = voc_ap(tp / n_pos[c], tp / np.maximum(tp + fp, np.finfo(np.float64).eps))
     valid = ap[~np.isnan(ap)]
     return ap, float(valid.mean()) if valid.size else float("nan")
+
+
+def choose_threshold(thresholds: Sequence[float], precision: Sequence[float | None],
+                     recall: Sequence[float | None]) -> float | None:
+    """The precision-aware background threshold (orandnet spec 9): the first (lowest) of ascending
+    ``thresholds`` whose mean precision exceeds its mean recall, or None if none does.
+
+    Raising the background threshold trades recall for precision, so this is where the CAM's masks turn
+    from over- to under-covering; ``precision[i]`` / ``recall[i]`` are the means at ``thresholds[i]``.
+    """
+    for t, p, r in sorted(zip(thresholds, precision, recall, strict=True)):
+        if p is not None and r is not None and p > r:
+            return float(t)
+    return None

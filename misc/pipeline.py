@@ -22,10 +22,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+import dataset
+from dataset.base import read_id_list
 from misc import dist
 from misc.errors import UserError
-from misc.io import TMP_SUFFIX, atomic_write, record_metrics, save_json
-from misc.metrics import confusion_matrix, headline, segmentation_scores
+from misc.io import TMP_SUFFIX, atomic_write, load_cam, record_metrics, save_json
+from misc.labels import scores_to_label
+from misc.metrics import choose_threshold, confusion_matrix, headline, segmentation_scores
 
 if TYPE_CHECKING:
     from dataset.base import DatasetInfo
@@ -242,6 +245,36 @@ def evaluate_segmentation(
         confusions = gt_confusions(info, image_id, preds if isinstance(preds, list) else [preds])
         totals = confusions if not totals else [t + c for t, c in zip(totals, confusions, strict=True)]
     return [segmentation_scores(conf, info.label_names) for conf in totals]
+
+
+def score_cam_store(args: argparse.Namespace, cam_dir: str | os.PathLike, step: str, producer: str) -> dict[str, Any]:
+    """The metrics row of a CAM store scored on ``args.eval_list`` (eval_cam; ORANDNet's OR / AND stores).
+
+    Background is a constant plane at each threshold of ``args.cam_eval_sweep`` and ``args.cam_eval_thres``;
+    the row holds the scores at ``cam_eval_thres`` (mIoU, mean precision / recall, ...), the sweep's mIoU
+    (``sweep``), mean precision and recall per threshold (``sweep_precision`` / ``sweep_recall``), the best
+    threshold, and the precision-aware one (``precision_threshold``: the first whose precision exceeds its
+    recall, orandnet spec 9; None when none does). ``producer`` names the step that writes the store.
+    """
+    ids = read_id_list(args.eval_list)
+    require_files(cam_dir, ids, ".npz", producer)
+    thresholds = sorted({*args.cam_eval_sweep, args.cam_eval_thres})
+
+    def predict(image_id: str) -> list[np.ndarray]:
+        cams = load_cam(Path(cam_dir) / f"{image_id}.npz")
+        return [scores_to_label(cams["high_res"], cams["keys"], t) for t in thresholds]
+
+    scores = evaluate_segmentation(dataset.from_args(args), ids, predict, step)
+    sweep = {f"{t:.2f}": s["miou"] for t, s in zip(thresholds, scores, strict=True)}
+    precision = [s["mean_precision"] for s in scores]
+    recall = [s["mean_recall"] for s in scores]
+    best = max(sweep, key=sweep.get)
+    chosen = scores[thresholds.index(args.cam_eval_thres)]
+    return {"step": step, "split": split_name(args.eval_list), "threshold": args.cam_eval_thres, **chosen,
+            "sweep": sweep, "best_threshold": float(best),
+            "sweep_precision": {f"{t:.2f}": p for t, p in zip(thresholds, precision, strict=True)},
+            "sweep_recall": {f"{t:.2f}": r for t, r in zip(thresholds, recall, strict=True)},
+            "precision_threshold": choose_threshold(thresholds, precision, recall)}
 
 
 def require_gt(info: DatasetInfo, ids: list[str]) -> None:
