@@ -37,6 +37,7 @@ import methods
 from dataset.base import read_id_list
 from methods.irn import TRAIN_RADIUS
 from misc import dist
+from misc.curriculum import schedule_flag
 from misc.errors import UserError, user_message
 from misc.flags import str2bool
 from misc.io import atomic_write, latest_metrics
@@ -315,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deeplab_weight_decay", type=float, default=5e-4)
     g.add_argument("--deeplab_eval_scales", type=float, nargs="+", default=None)
     g.add_argument("--deeplab_ckpt_every", type=int, default=None)
+    g.add_argument(
+        "--deeplab_scale_schedule",
+        type=schedule_flag,
+        default=None,
+        help="curriculum (orandnet spec 8): FACTOR:FRACTION phases over the iterations, e.g. 0.5:1,0.75:1,1:1 "
+        "(images and masks scaled by the factor first; misc.curriculum); default: none",
+    )
     g.add_argument(
         "--deeplab_crf",
         type=str2bool,

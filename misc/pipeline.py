@@ -150,7 +150,8 @@ def epoch_loader(data: TrainData, epoch: int, skip: int, stop: int) -> DataLoade
     One seeded permutation per epoch, dealt round-robin to the ranks (``perm[r::world]``), so global batch
     ``k`` is ``perm[k*b:(k+1)*b]`` for any number of processes; with per-sample seeded augmentation and
     frozen BN statistics the averaged gradient is the same. Skipping the batches done before a resume
-    costs nothing: the indices are cut before any image is read.
+    costs nothing: the indices are cut before any image is read. A dataset with ``needs_step`` is indexed
+    by ``(index, global step)`` pairs.
     """
     world = dist.world_size()
     rank_batch = data.batch_size // world
@@ -158,10 +159,16 @@ def epoch_loader(data: TrainData, epoch: int, skip: int, stop: int) -> DataLoade
                                  drop_last=True)
     sampler.set_epoch(epoch)
     data.dataset.set_epoch(epoch)
+    indices: list = list(sampler)[skip * rank_batch : stop * rank_batch]
+    if getattr(data.dataset, "needs_step", False):
+        # A dataset whose augmentation follows the iteration (misc.curriculum) gets each sample's global
+        # step with it: batch k of the epoch is step epoch * steps_per_epoch + k on every rank.
+        first = epoch * data.steps_per_epoch + skip
+        indices = [(i, first + n // rank_batch) for n, i in enumerate(indices)]
     return DataLoader(
         data.dataset,
         batch_size=rank_batch,
-        sampler=list(sampler)[skip * rank_batch : stop * rank_batch],
+        sampler=indices,
         num_workers=data.num_workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),

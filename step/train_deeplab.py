@@ -3,8 +3,9 @@
 Iteration-based and exactly resumable through ``misc.train.train``: the data order of iteration ``t`` is a
 function of the seed and ``t`` only, and a checkpoint every ``--deeplab_ckpt_every`` iterations holds the
 model, optimiser, iteration and every rank's RNG states (dropout). Global batch ``b`` is split over the DDP
-processes; step ``t`` sees the same images for any process count. AMP is bf16 autocast
-(``misc.pipeline.autocast``), whose fp32-sized exponent needs no GradScaler.
+processes; step ``t`` sees the same images for any process count. ``--deeplab_scale_schedule`` (orandnet
+spec 8, ``misc.curriculum``) scales the images of step ``t`` by its phase's factor, also a function of ``t``.
+AMP is bf16 autocast (``misc.pipeline.autocast``), whose fp32-sized exponent needs no GradScaler.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import methods
 from dataset.base import read_id_list
 from dataset.samples import SegmentationDataset
 from misc import dist
+from misc.curriculum import ScaleSchedule, ScheduledScale, parse_scale_schedule
 from misc.errors import UserError
 from misc.optim import PolyOptimizer
 from misc.pipeline import autocast, content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
@@ -72,6 +74,9 @@ def run(args: argparse.Namespace) -> None:
                 "weight_decay": args.deeplab_weight_decay, "crop_size": args.deeplab_crop_size,
                 "weights": args.deeplab_weights, "seed": args.seed, "max_image_side": args.max_image_side,
                 "train": content_fingerprint(args.deeplab_train_list)}
+    schedule = parse_scale_schedule(getattr(args, "deeplab_scale_schedule", None))
+    if schedule is not None:  # only then: runs without a curriculum keep their fingerprint (and weights)
+        settings["scale_schedule"] = schedule
     # New pseudo masks under the same path must retrain: the folder's fingerprint changes with them.
     fp = fingerprint(**settings, labels="gt" if labels is None else dir_fingerprint(labels, "make_sem_seg_labels"))
     if up_to_date(out, fp):
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> None:
     model.to(device)
     train_set = SegmentationDataset(info, ids, labels, crop_size=args.deeplab_crop_size, scale_range=SCALE_RANGE,
                                     seed=args.seed, augment=True)
+    if schedule is not None:
+        train_set = ScheduledScale(train_set, ScaleSchedule.build(schedule, args.deeplab_iters))
     data = TrainData(train_set, args.deeplab_batch_size, args.seed, args.num_workers)
 
     def optimizer(net: nn.Module) -> PolyOptimizer:
