@@ -86,6 +86,7 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_learning_rate=2.5e-4,
         deeplab_eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5),
         deeplab_ckpt_every=1000,
+        deeplab_weight_decay=5e-4,
         deeplab_ignore_uncertain=False,
     ),
     "demo": dict(
@@ -122,6 +123,7 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_learning_rate=0.001,
         deeplab_eval_scales=(1.0, 0.75, 1.25),
         deeplab_ckpt_every=100,
+        deeplab_weight_decay=5e-4,
         # The masks' background holds every object part the walk left below the threshold; learning those
         # as background shrank DeepLab's objects far below the masks' (step.train_deeplab.label_dir).
         deeplab_ignore_uncertain=True,
@@ -170,6 +172,8 @@ def _released_method(value: str) -> str | None:
 
 # Every step any plug-in brings gets a ``--<flag>_pass`` switch; the chosen plug-ins decide which run.
 PLUGINS = [*methods.CAM_METHODS.values(), *methods.REFINERS.values(), *methods.SEGMENTERS.values()]
+# What a run learns from: tags (the CAM rounds) or the sparse labels some segmenter reads itself.
+SUPERVISIONS = tuple(dict.fromkeys(s for segmenter in methods.SEGMENTERS.values() for s in segmenter.supervisions))
 STEP_PASSES = list(dict.fromkeys(flag for plugin in PLUGINS for flag, _ in plugin.steps)) + ["make_aug_fg", "report"]
 # Flags whose resolved value is derived from the work dir or the dataset; config.yaml keeps them as given so
 # that it can be re-run in another work dir or on another machine.
@@ -221,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cam_method", choices=sorted(methods.CAM_METHODS), default="cam")
     g.add_argument("--refiner", choices=sorted(methods.REFINERS), default="irn")
     g.add_argument("--segmenter", choices=sorted(methods.SEGMENTERS), default="deeplab")
+    g.add_argument("--supervision", choices=SUPERVISIONS, default="tags",
+                   help="tags: image-level labels through the CAM rounds; points / scribbles: sparse labels the "
+                        "segmenter learns from directly (--segmenter agmm), the CAM rounds skipped")
 
     g = p.add_argument_group("networks")
     g.add_argument("--backbone", choices=BACKBONE_NAMES, default=None)
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deeplab_batch_size", type=int, default=None)
     g.add_argument("--deeplab_iters", type=int, default=None)
     g.add_argument("--deeplab_learning_rate", type=float, default=None)
-    g.add_argument("--deeplab_weight_decay", type=float, default=5e-4)
+    g.add_argument("--deeplab_weight_decay", type=float, default=None)
     g.add_argument("--deeplab_eval_scales", type=float, nargs="+", default=None)
     g.add_argument("--deeplab_ckpt_every", type=int, default=None)
     g.add_argument(
@@ -373,7 +380,8 @@ def round_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     r.sem_seg_out_dir = str(root / "sem_seg")
     r.sem_seg_ignore_dir = str(root / "sem_seg_ignore")
     r.ins_seg_out_dir = str(root / "ins_seg")
-    r.deeplab_dir = str(work_dir / "deeplab" / ("gt" if args.deeplab_gt else variant))
+    sparse = args.supervision if args.supervision != "tags" else None
+    r.deeplab_dir = str(work_dir / "deeplab" / ("gt" if args.deeplab_gt else sparse or variant))
     r.cda_bank_dir = str(work_dir / "cda" / "bank")
     # CDA's object bank is cut from the baseline round's pseudo masks (spec 10.2).
     r.bank_masks_dir = str(work_dir / "baseline" / "sem_seg")
@@ -401,7 +409,9 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.dataset = "voc12"
     if args.preset is None:
         args.preset = "demo" if args.data_root is None else "voc"
-    for key, value in PRESETS[args.preset].items():
+    # The segmenter's published schedule (its ``presets``) wins over the pipeline preset for unset flags.
+    segmenter_preset = methods.SEGMENTERS[args.segmenter].presets.get(args.preset, {})
+    for key, value in {**PRESETS[args.preset], **segmenter_preset}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.work_dir = str(Path(args.work_dir).resolve())
@@ -412,9 +422,11 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.data_root = str(Path(args.work_dir) / DEMO_FOLDERS[args.dataset])
     else:
         args.data_root = str(Path(args.data_root).expanduser().resolve())
-    if not dataset.from_args(args).has_background:
+    sparse = args.supervision != "tags"
+    if sparse or not dataset.from_args(args).has_background:
         # The tags-to-masks steps need a background class; on such a dataset the segmenter trains on masks.
-        if not args.deeplab_gt:
+        # Sparse labels need no CAM round at all: the segmenter learns from them directly.
+        if not sparse and not args.deeplab_gt:
             parser.error(f"{args.dataset} has no background class, which the CAM pipeline needs: train the "
                          "segmenter on its ground truth (--deeplab_gt true)")
         args.cda = False
@@ -562,6 +574,14 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     except RuntimeError:
         if args.device != "auto":
             parser.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    learns_from = methods.SEGMENTERS[args.segmenter].supervisions
+    if args.supervision not in learns_from:
+        able = [name for name, s in methods.SEGMENTERS.items() if args.supervision in s.supervisions]
+        parser.error(f"--segmenter {args.segmenter} learns from {' or '.join(learns_from)}, not --supervision "
+                     f"{args.supervision}: pass --supervision {' or '.join(learns_from)}, or --segmenter "
+                     f"{' or '.join(able)}")
+    if args.supervision != "tags" and args.deeplab_gt:
+        parser.error(f"--deeplab_gt true and --supervision {args.supervision} contradict: choose one training label")
     for plugin in (methods.cam_method(args), methods.refiner(args), methods.segmenter(args)):
         problem = plugin.check_args(args)
         if problem is not None:

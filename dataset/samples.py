@@ -8,7 +8,7 @@ the number of loader workers or DDP processes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,10 @@ class SegmentationDataset(_SeededDataset):
     Training transform (spec 1.6, IRN): joint random scale (image bicubic, label nearest) -> normalize
     -> joint hflip -> joint random crop (image pad 0, label pad 255) -> label rescaled by ``label_scale``
     (nearest; IRN uses 0.25). ``augment=False``: normalize -> top-left crop (same pads) -> label rescale.
-    Item: ``{'name', 'img': float32 (3, S, S), 'label': int64 (round(S * label_scale),) * 2}``.
+    Item: ``{'name', 'img': float32 (3, S, S), 'label': int64 (round(S * label_scale),) * 2}``, plus what
+    :meth:`extras` adds. ``photometric(img, rng)``, if given, recolours the scaled uint8 image before it is
+    normalised (AGMM's strong augmentation). Subclasses read other labels by overriding :meth:`read_label`
+    (``dataset.sparse``: points and scribbles).
     """
 
     def __init__(
@@ -165,8 +168,10 @@ class SegmentationDataset(_SeededDataset):
         seed: int = 0,
         augment: bool = True,
         label_suffix: str = ".png",
+        photometric: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
     ) -> None:
         super().__init__(info, ids, seed)
+        self.photometric = photometric
         self.label_dir = None if label_dir is None else Path(label_dir)
         self.crop_size = crop_size
         self.scale_range = scale_range
@@ -174,14 +179,22 @@ class SegmentationDataset(_SeededDataset):
         self.augment = augment
         self.label_suffix = label_suffix
 
+    def read_label(self, name: str) -> tuple[Path, np.ndarray]:
+        """``(path, uint8 (H, W) label map)`` of ``name`` at the working resolution."""
+        if self.label_dir is None:
+            return self.info.seg_class(name), self.info.read_training_mask(name)
+        label_path = self.label_dir / f"{name}{self.label_suffix}"
+        return label_path, load_png(label_path)
+
+    def extras(self, name: str, label: np.ndarray) -> dict[str, Any]:
+        """Extra item fields computed from the whole (not yet augmented) label map; none by default."""
+        return {}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         name = self.ids[index]
         img = self.info.read_photo(name)
-        if self.label_dir is None:
-            label_path, label = self.info.seg_class(name), self.info.read_training_mask(name)
-        else:
-            label_path = self.label_dir / f"{name}{self.label_suffix}"
-            label = load_png(label_path)
+        label_path, label = self.read_label(name)
+        extras = self.extras(name, label)
         if label.shape != img.shape[:2]:
             raise UserError(
                 f"label {label_path} is {label.shape} but image {self.info.image(name)} is {img.shape[:2]}: "
@@ -190,6 +203,8 @@ class SegmentationDataset(_SeededDataset):
         if self.augment:
             rng = self.rng(index)
             img, label = imutils.random_scale([img, label], self.scale_range, rng, orders=(3, 0))
+            if self.photometric is not None:
+                img = self.photometric(img, rng)
             img, label = imutils.random_lr_flip([imutils.normalize(img), label], rng)
             img, label = imutils.random_crop([img, label], self.crop_size, [0.0, IGNORE], rng)
         else:
@@ -200,4 +215,5 @@ class SegmentationDataset(_SeededDataset):
             "name": name,
             "img": torch.from_numpy(imutils.hwc_to_chw(img)),
             "label": torch.from_numpy(label.astype(np.int64)),
+            **extras,
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from methods.affinitynet import AffinityNetRefiner
+from methods.agmm import AGMMSegmenter
 from methods.base import CAMMethod, Refiner, Segmenter
 from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
@@ -18,7 +19,7 @@ from misc.errors import UserError
 
 CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM)}
 REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner)}
-SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter,)}
+SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter, AGMMSegmenter)}
 
 
 def _lookup(table: dict, name: str, flag: str):  # noqa: ANN202 - returns an instance of the table's type

@@ -22,7 +22,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from dataset.base import DatasetInfo
+from misc.pipeline import autocast
 from misc.train import Stage
 
 StepList = tuple[tuple[str, str], ...]
@@ -100,11 +103,18 @@ class Segmenter(Plugin):
     ``build`` returns a module whose ``forward(x (B, 3, H, W), upsample: bool)`` gives logits
     ``(B, num_labels, H, W)`` (at its own stride with ``upsample=False``) and whose ``param_groups()``
     gives (backbone parameters, head parameters) for the 1x / 10x learning rates.
+
+    ``supervisions``: the ``--supervision`` values it learns from; ``tags`` means the masks the CAM rounds
+    make (or the ground truth), any other (``points``, ``scribbles``) labels it reads itself through
+    :meth:`training_set`, and the driver skips the CAM rounds. ``presets``: per ``--preset``, the flag
+    values of its published schedule, which win over the pipeline preset's for flags the user left unset.
     """
 
     name: ClassVar[str]
     steps: ClassVar[StepList] = (("train_deeplab", "train_deeplab"), ("eval_deeplab", "eval_deeplab"))
     settings: ClassVar[tuple[str, ...]] = ()
+    supervisions: ClassVar[tuple[str, ...]] = ("tags",)
+    presets: ClassVar[dict[str, dict[str, object]]] = {}
 
     def build(self, args: argparse.Namespace, num_labels: int, backbone_weights: str | None) -> nn.Module:
         raise NotImplementedError
@@ -112,3 +122,21 @@ class Segmenter(Plugin):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Training loss of (B, L, H, W) logits against (B, H, W) labels (255 = ignore)."""
         raise NotImplementedError
+
+    def losses(self, net: nn.Module, batch: dict, device: torch.device, amp: bool) -> dict[str, torch.Tensor]:
+        """Named losses of a training batch (``img`` (B, 3, S, S), ``label`` (B, S, S), and whatever the
+        training set adds); the first is optimised. Default: the network's logits under ``autocast`` against
+        the labels by :meth:`loss`. A segmenter whose losses need more than the logits (features, the image,
+        image-level classes: AGMM) overrides this, so ``train_deeplab`` stays the one training step."""
+        imgs = batch["img"].to(device, non_blocking=True)
+        target = batch["label"].to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = net(imgs)
+        return {"loss": self.loss(logits, target)}
+
+    def training_set(self, args: argparse.Namespace, info: DatasetInfo, ids: list[str]
+                     ) -> tuple[Dataset, str, str] | None:
+        """``(dataset, fingerprint of its labels, description for the log)`` when the segmenter reads labels
+        of its own (``--supervision`` other than tags); None: ``train_deeplab`` trains on the round's pseudo
+        masks or the ground truth."""
+        return None

@@ -111,6 +111,15 @@ def predict_ids(
         yield item["name"], preds
 
 
+def _labels(args: argparse.Namespace) -> str:
+    """What the segmenter learnt from, for the metrics row: ``gt``, ``pseudo`` (the rounds' masks), or the
+    sparse supervision itself (``points`` / ``scribbles``)."""
+    supervision = getattr(args, "supervision", "tags")
+    if supervision != "tags":
+        return supervision
+    return "gt" if args.deeplab_gt else "pseudo"
+
+
 def postprocess_fingerprint(args: argparse.Namespace, weights: Path, postprocess: str) -> str:
     """What a prediction folder's files depend on: the weights, the inference settings and the CRF."""
     return fingerprint(weights=file_fingerprint(weights), scales=[float(s) for s in args.deeplab_eval_scales],
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> None:
         scores = segmentation_scores(conf[post], info.label_names)
         record(args, {"step": "eval_deeplab", "split": split, "postprocess": post,
                       "scales": [float(s) for s in args.deeplab_eval_scales], "arch": args.deeplab_arch,
-                      "backbone": args.deeplab_backbone, "labels": "gt" if args.deeplab_gt else "pseudo", **scores})
+                      "backbone": args.deeplab_backbone, "labels": _labels(args), **scores})
 
     if args.make_test_submission:
         export_submission(args, info, model, device, postprocesses[-1], weights)

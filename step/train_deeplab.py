@@ -25,7 +25,7 @@ from misc import dist
 from misc.curriculum import ScaleSchedule, ScheduledScale, parse_scale_schedule
 from misc.errors import UserError
 from misc.optim import PolyOptimizer
-from misc.pipeline import autocast, content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
+from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
 from misc.train import Stage, TrainData, save_trained, train
 from misc.weights import resolve_weights
 
@@ -68,7 +68,9 @@ def run(args: argparse.Namespace) -> None:
     segmenter = methods.segmenter(args)
     out = Path(args.deeplab_dir) / "deeplab.pth"
     ids = read_id_list(args.deeplab_train_list)
-    labels = label_dir(args, ids)
+    # A segmenter with labels of its own (AGMM's points / scribbles) brings its training set; else the masks.
+    own = segmenter.training_set(args, info, ids)
+    labels = label_dir(args, ids) if own is None else None
     settings = {"segmenter": args.segmenter, **{k: getattr(args, k) for k in segmenter.settings},
                 "iters": args.deeplab_iters, "batch_size": args.deeplab_batch_size, "lr": args.deeplab_learning_rate,
                 "weight_decay": args.deeplab_weight_decay, "crop_size": args.deeplab_crop_size,
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
     if schedule is not None:  # only then: runs without a curriculum keep their fingerprint (and weights)
         settings["scale_schedule"] = schedule
     # New pseudo masks under the same path must retrain: the folder's fingerprint changes with them.
-    fp = fingerprint(**settings, labels="gt" if labels is None else dir_fingerprint(labels, "make_sem_seg_labels"))
+    fp = fingerprint(**settings, labels=own[1] if own is not None else "gt" if labels is None
+                     else dir_fingerprint(labels, "make_sem_seg_labels"))
     if up_to_date(out, fp):
         log.info("train_deeplab: %s is up to date with its inputs; skipping (delete it to retrain)", out)
         return
@@ -90,8 +93,8 @@ def run(args: argparse.Namespace) -> None:
         # into a statistics-computing SyncBatchNorm.
         model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
     model.to(device)
-    train_set = SegmentationDataset(info, ids, labels, crop_size=args.deeplab_crop_size, scale_range=SCALE_RANGE,
-                                    seed=args.seed, augment=True)
+    train_set = own[0] if own is not None else SegmentationDataset(
+        info, ids, labels, crop_size=args.deeplab_crop_size, scale_range=SCALE_RANGE, seed=args.seed, augment=True)
     if schedule is not None:
         train_set = ScheduledScale(train_set, ScaleSchedule.build(schedule, args.deeplab_iters))
     data = TrainData(train_set, args.deeplab_batch_size, args.seed, args.num_workers)
@@ -103,14 +106,11 @@ def run(args: argparse.Namespace) -> None:
                              lr=lr, weight_decay=args.deeplab_weight_decay, max_step=args.deeplab_iters, momentum=0.9)
 
     def losses(net: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        imgs = batch["img"].to(device, non_blocking=True)
-        target = batch["label"].to(device, non_blocking=True)
-        with autocast(device, args.amp):
-            logits = net(imgs)
-        return {"loss": segmenter.loss(logits, target)}
+        return segmenter.losses(net, batch, device, args.amp)
 
     log.info("train_deeplab: %s-%s/%s OS%d on %d images (%s), %d iterations x batch %d", args.segmenter,
-             args.deeplab_arch, args.deeplab_backbone, args.deeplab_output_stride, len(ids), labels or "ground truth",
+             args.deeplab_arch, args.deeplab_backbone, args.deeplab_output_stride, len(ids),
+             own[2] if own is not None else labels or "ground truth",
              args.deeplab_iters, args.deeplab_batch_size)
     train(model, [Stage(args.deeplab_iters, optimizer)], data, out, fp, losses, ckpt_every=args.deeplab_ckpt_every)
     save_trained(model, out, fp)

@@ -43,7 +43,10 @@ Layout (as VOC2012)
 ``JPEGImages/<id>.jpg`` (quality 90), ``SegmentationClass/<id>.png`` (palette PNG, 0 = background,
 ``c + 1``, 255 = a void band about 2-3 px wide on every object boundary, like VOC),
 ``SegmentationObject/<id>.png`` (instance ids 1..n, 255 void), ``Annotations/<id>.xml`` (VOC XML with one
-``<object>`` per instance), ``ImageSets/Segmentation/{train_aug,train,val}.txt`` (``train`` is a subset of
+``<object>`` per instance), ``point/segcls/<id>.png`` and ``scribble/seginst/<id>.png`` (sparse labels in
+AGMM's layout and encoding, ``dataset.sparse``: two seeded clicks per class present, background included,
+and one seeded scribble per connected region of every class; 21 = unlabelled),
+``ImageSets/Segmentation/{train_aug,train,val}.txt`` (``train`` is a subset of
 ``train_aug`` used to evaluate CAMs and pseudo masks, ``val`` is disjoint), plus ``demo_context.tsv``
 (``id<TAB>background``) and ``demo_manifest.json``. Ids look like VOC ids, ``2100_000001`` (a year no VOC
 image has, so the shipped labels never shadow them).
@@ -80,6 +83,7 @@ from scipy import ndimage
 
 from dataset.base import IGNORE, read_id_list, voc_palette
 from dataset.coco14 import COCO14
+from dataset.sparse import SparseLabels, generate_clicks, generate_scribbles
 from dataset.voc12 import VOC12
 from misc.errors import UserError
 from misc.io import save_json
@@ -117,6 +121,7 @@ SIDE_RANGE = (128, 192)  # image height and width, each uniform in this inclusiv
 FG_FRACTION = (0.10, 0.50)  # union of the objects' masks over the image area
 P_SECOND_CLASS = 0.4
 JPEG_QUALITY = 90
+DEMO_CLICKS = 2  # clicks per class present in an image (background included) in point/segcls
 
 # box width / height of each class's drawing
 _ASPECT = {
@@ -738,13 +743,16 @@ def make_demo_dataset(
         raise UserError(f"p_typical must lie in [0, 1], got {p_typical}")
     params = _params(seed, n_train_aug, n_train, n_val, p_typical)
     layout = VOC12(root)
+    points, scribbles = SparseLabels(layout, "points"), SparseLabels(layout, "scribbles")
     lists = [layout.split_list("train_aug"), layout.split_list("val")]
     if _is_complete(root, params, lists, lambda name: (layout.image(name), layout.seg_class(name),
-                                                       layout.seg_object(name), layout.annotation(name))):
+                                                       layout.seg_object(name), layout.annotation(name),
+                                                       points.path(name), scribbles.path(name))):
         return root
     _refuse_foreign(root, ("JPEGImages",), rf"{ID_YEAR}_\d{{6}}\.jpg")
     (root / MANIFEST).unlink(missing_ok=True)  # an interrupted regeneration must not look complete
-    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations", "ImageSets/Segmentation"):
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationObject", "Annotations", "ImageSets/Segmentation",
+              points.folder, scribbles.folder):
         (root / d).mkdir(parents=True, exist_ok=True)
 
     plan_rng = np.random.default_rng([seed, 0])
@@ -763,6 +771,11 @@ def make_demo_dataset(
         layout.seg_class(name).write_bytes(_palette_png(cls_map))
         layout.seg_object(name).write_bytes(_palette_png(inst))
         layout.annotation(name).write_bytes(_annotation_xml(name, *rgb.shape[:2], boxes))
+        # Sparse labels from a stream of their own, so the images stay byte-identical to earlier versions.
+        sparse_rng = np.random.default_rng([seed, 2, i])
+        points.path(name).write_bytes(_palette_png(generate_clicks(cls_map, layout.num_labels, sparse_rng,
+                                                                   per_class=DEMO_CLICKS)))
+        scribbles.path(name).write_bytes(_palette_png(generate_scribbles(cls_map, layout.num_labels, sparse_rng)))
         context.append(f"{name}\t{background}\n")
     for split, split_ids in (("train_aug", train_aug), ("train", train), ("val", val)):
         layout.split_list(split).write_text("".join(f"{i}\n" for i in split_ids))
