@@ -88,6 +88,8 @@ PRESETS: dict[str, dict[str, object]] = {
         deeplab_ckpt_every=1000,
         deeplab_weight_decay=5e-4,
         deeplab_ignore_uncertain=False,
+        orandnet_iters=5000,  # ORANDNet's FCN (--cam_method orand): the reference's iterations and network
+        orandnet_width=1.0,
     ),
     "demo": dict(
         backbone="efficientnet_lite0",
@@ -127,6 +129,9 @@ PRESETS: dict[str, dict[str, object]] = {
         # The masks' background holds every object part the walk left below the threshold; learning those
         # as background shrank DeepLab's objects far below the masks' (step.train_deeplab.label_dir).
         deeplab_ignore_uncertain=True,
+        # ORANDNet's FCN-8s at 1/8 of VGG-16's widths: its 134M parameters (fc6 alone 103M) are no CPU demo.
+        orandnet_iters=300,
+        orandnet_width=0.125,
     ),
 }
 # Real photos on a small machine: the demo's networks, trained longer, the CAMs at the photos' own scale.

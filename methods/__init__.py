@@ -13,11 +13,12 @@ from methods.base import CAMMethod, Refiner, Segmenter
 from methods.cam import PlainCAM
 from methods.deeplab import DeepLabSegmenter
 from methods.irn import IRNRefiner
+from methods.orand import ORANDNet
 from methods.ppl import PPL
 from methods.seam import SEAM
 from misc.errors import UserError
 
-CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM)}
+CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM, ORANDNet)}
 REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner)}
 SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter, AGMMSegmenter)}
 
