@@ -42,8 +42,6 @@ SCALE_RANGE = (0.5, 2.0)
 # Dropout after the ASPP projection (spec 4.2); the project's DeepLab-v3+ uses 0.1.
 ASPP_DROPOUT = 0.5
 LOSS_SETS = ("full", "pce")
-# VOC's training set (train_aug) and the released schedule (spec 7): 80 epochs of a total batch of 48.
-_VOC_TRAIN_IMAGES, _VOC_EPOCHS, _VOC_BATCH = 10582, 80, 48
 
 
 class AGMMSegmenter(Segmenter):
@@ -64,8 +62,8 @@ class AGMMSegmenter(Segmenter):
             agmm_aspp_rates=(6, 12, 18),  # as given at output stride 8 (not doubled as our v3+ default does)
             agmm_strong_aug=True,
             deeplab_crop_size=321,
-            deeplab_batch_size=_VOC_BATCH,  # total; reach it by DDP (3 x 16 in the released script)
-            deeplab_iters=-(-_VOC_TRAIN_IMAGES * _VOC_EPOCHS // _VOC_BATCH),  # 17637
+            deeplab_batch_size=48,  # total; reach it by DDP (3 x 16 in the released script)
+            deeplab_iters=17637,  # the released 80 epochs of train_aug (10582 images) at total batch 48
             deeplab_learning_rate=1e-3,
             deeplab_weight_decay=1e-4,
             deeplab_eval_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0),

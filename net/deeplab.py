@@ -155,9 +155,12 @@ class DeepLab(nn.Module):
                 raise ValueError("DeepLab-v2 has no decoder features: use v3+")
             logits = self.head(high)
             feat = None
-        else:
+        elif features:
             feat = self.head.features(high, self.backbone.tap(self.low_level, feats[self.low_level]))
             logits = self.head.classifier(feat)
+        else:  # through the head's own forward, so hooks on the head see its logits
+            logits = self.head(high, self.backbone.tap(self.low_level, feats[self.low_level]))
+            feat = None
         if upsample:
             logits = F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
         return (feat, logits) if features else logits
