@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from methods.base import Refiner
 from misc.crf import aff_label_from_cam
 from misc.errors import UserError
 from misc.indexing import path_offsets, walk_affinity
+from misc.pipeline import trained_weights
 from misc.thresholds import calibration_path, carried
 from misc.weights import resolve_weights
 from net.affinitynet import AffinityNet, alpha_threshold, feature_affinity, threshold_alpha
@@ -113,12 +113,7 @@ def build_affinitynet(args: argparse.Namespace) -> AffinityNet:
 
 def affinity_weights(args: argparse.Namespace) -> str:
     """The weights this round walks with: ``--affinity_weights``, else train_affinity's output."""
-    if args.affinity_weights:
-        return args.affinity_weights
-    if not Path(args.affinity_weights_name).is_file():
-        raise UserError(f"AffinityNet weights {args.affinity_weights_name} are missing: run train_affinity first "
-                        "(--train_affinity_pass true) or pass --affinity_weights.")
-    return args.affinity_weights_name
+    return trained_weights(args.affinity_weights, args.affinity_weights_name, "train_affinity", "--affinity_weights")
 
 
 @torch.no_grad()

@@ -23,7 +23,6 @@ from methods.base import Refiner
 from misc import dist
 from misc.convert import load_weights
 from misc.crf import ir_label_from_cam
-from misc.errors import UserError
 from misc.imutils import hwc_to_chw, normalize
 from misc.indexing import PathIndex, affinity_labels, random_walk
 from misc.io import load_cam
@@ -33,6 +32,7 @@ from misc.pipeline import (
     fingerprint,
     prepare_outputs,
     require_files,
+    trained_weights,
     weights_fingerprint,
 )
 from misc.thresholds import thresholds
@@ -67,12 +67,7 @@ def build_irn(args: argparse.Namespace) -> IRN:
 
 def irn_weights(args: argparse.Namespace) -> str:
     """The IRN weights this round uses: ``--irn_weights`` (a path or registry name), else train_irn's output."""
-    if args.irn_weights:
-        return args.irn_weights
-    if not Path(args.irn_weights_name).is_file():
-        raise UserError(f"IRN weights {args.irn_weights_name} are missing: run train_irn first "
-                        "(--train_irn_pass true) or pass --irn_weights.")
-    return args.irn_weights_name
+    return trained_weights(args.irn_weights, args.irn_weights_name, "train_irn", "--irn_weights")
 
 
 def batch_losses(

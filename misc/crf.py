@@ -82,6 +82,15 @@ def crf_inference_prob(
     return np.asarray(crf.inference(t), dtype=np.float32).reshape(c, h, w)
 
 
+def _seed_inputs(high_res: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A CAM file's maps as float32 (k, H, W) and its classes as int64 (k,); ``ValueError`` if they disagree."""
+    high_res = np.asarray(high_res, dtype=np.float32)
+    keys = np.asarray(keys, dtype=np.int64)
+    if keys.shape != high_res.shape[:1]:
+        raise ValueError(f"keys {keys.shape} do not match {high_res.shape[0]} CAM planes")
+    return high_res, keys
+
+
 def ir_label_from_cam(
     img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, fg_thres: float = 0.30, bg_thres: float = 0.05
 ) -> np.ndarray:
@@ -92,11 +101,8 @@ def ir_label_from_cam(
     uint8 (H, W): ``c+1`` where the high-threshold pass says class c, 0 where even the low-threshold pass
     says background, 255 (ignore) in between.
     """
-    high_res = np.asarray(high_res, dtype=np.float32)
+    high_res, keys = _seed_inputs(high_res, keys)
     k, h, w = high_res.shape
-    keys = np.asarray(keys, dtype=np.int64)
-    if keys.shape != (k,):
-        raise ValueError(f"keys {keys.shape} do not match {k} CAM planes")
     if k == 0:
         # No class in the image: everything is confidently background.
         return np.zeros((h, w), dtype=np.uint8)
@@ -133,11 +139,9 @@ def aff_label_from_cam(
     8 x 8 block mean on the training grid; we fuse the labels at full resolution, which the training step
     then samples down (stored as one PNG, not two probability volumes).
     """
-    high_res = np.clip(np.asarray(high_res, dtype=np.float32), 0, 1)
+    high_res, keys = _seed_inputs(high_res, keys)
+    high_res = np.clip(high_res, 0, 1)
     k, h, w = high_res.shape
-    keys = np.asarray(keys, dtype=np.int64)
-    if keys.shape != (k,):
-        raise ValueError(f"keys {keys.shape} do not match {k} CAM planes")
     if k == 0:
         return np.zeros((h, w), dtype=np.uint8)
     keys_plus = np.concatenate([[0], keys + 1])

@@ -133,6 +133,16 @@ def prepare_outputs(ids: list[str], outputs: dict[str, dict[str, Any]], base: st
     return dirs, [i for i in dist.shard(ids) if i in missing]
 
 
+def trained_weights(given: str | None, trained: str, step: str, flag: str) -> str:
+    """The weights a step uses: those given by ``flag`` (a path or registry name), else the file ``step``
+    trained; ``UserError`` if neither exists."""
+    if given:
+        return given
+    if not Path(trained).is_file():
+        raise UserError(f"weights {trained} are missing: run {step} first (--{step}_pass true) or pass {flag}.")
+    return trained
+
+
 def require_files(out_dir: str | os.PathLike, ids: list[str], suffix: str, producer: str, fix: str = "") -> None:
     """``UserError`` unless ``out_dir/<id><suffix>`` exists for every id; ``fix`` replaces the default advice
     (run ``producer`` on this list)."""
