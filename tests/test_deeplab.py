@@ -232,6 +232,18 @@ def _die_after_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(misc.train, "save_checkpoint", save_then_die)
 
 
+def resume_matches_straight(tmp_path: Path, interrupted: argparse.Namespace, reference: dict[int, float]) -> None:
+    """Resume the run of ``tmp_path/resumed`` from a fresh process state (the global RNGs scrambled) and check
+    that it ends with the losses and weights of the uninterrupted run in ``tmp_path/straight``."""
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    train_deeplab.run(interrupted)
+    assert _losses(tmp_path / "resumed") == reference
+    a = torch.load(tmp_path / "straight/deeplab.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed/deeplab.pth", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_gives_the_uninterrupted_loss(tmp_path: Path, tiny_backbone: None,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # v3+: dropout and head BatchNorm make the RNG state and BN buffers part of what must be restored.
@@ -252,14 +264,7 @@ def test_resume_gives_the_uninterrupted_loss(tmp_path: Path, tiny_backbone: None
     # The epoch end at step 2 checkpoints too; the run died at the first one.
     assert _losses(tmp_path / "resumed") == {k: reference[k] for k in (1, 2)}
 
-    # A fresh process state: scramble the global RNGs, then resume.
-    torch.manual_seed(1234)
-    np.random.seed(1234)
-    train_deeplab.run(interrupted)
-    assert _losses(tmp_path / "resumed") == reference
-    a = torch.load(tmp_path / "straight/deeplab.pth", weights_only=True)
-    b = torch.load(tmp_path / "resumed/deeplab.pth", weights_only=True)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resume_matches_straight(tmp_path, interrupted, reference)
     assert not list((tmp_path / "resumed").glob("*.ckpt"))
 
 

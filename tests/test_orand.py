@@ -25,7 +25,15 @@ from misc.pipeline import epoch_loader
 from misc.train import TrainData
 from net.orandnet import FCN8s, center_crop
 from step import train_deeplab
-from tests.test_deeplab import TinyBackbone, _die_after_checkpoint, _Interrupt, _losses, make_args, make_voc
+from tests.test_deeplab import (
+    TinyBackbone,
+    _die_after_checkpoint,
+    _Interrupt,
+    _losses,
+    make_args,
+    make_voc,
+    resume_matches_straight,
+)
 
 # ------------------------------------------------------------------------------------------ OR / AND
 
@@ -289,13 +297,7 @@ def test_train_deeplab_with_a_schedule_resumes_to_the_same_weights(tmp_path: Pat
         _die_after_checkpoint(patch)
         with pytest.raises(_Interrupt):
             train_deeplab.run(interrupted)
-    torch.manual_seed(1234)
-    np.random.seed(1234)
-    train_deeplab.run(interrupted)
-    assert _losses(tmp_path / "resumed") == reference
-    a = torch.load(tmp_path / "straight/deeplab.pth", weights_only=True)
-    b = torch.load(tmp_path / "resumed/deeplab.pth", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    resume_matches_straight(tmp_path, interrupted, reference)
 
 
 # ------------------------------------------------------------------------------------------ end to end
