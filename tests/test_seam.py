@@ -286,12 +286,11 @@ def test_bad_seam_flags_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
         assert not (tmp_path / "w").exists()
 
 
-def test_seam_and_affinitynet_with_cda_run_end_to_end(tiny_run, tmp_path: Path):
-    # SEAM's published pipeline: SEAM CAMs refined by AffinityNet, here with CDA's second round as well.
+def test_seam_with_cda_runs_end_to_end(tiny_run, tmp_path: Path):
     work = tmp_path / "seam"
     shutil.copytree(tiny_run.work_dir, work)
-    flags = [*tiny_run.flags[2:], "--work_dir", str(work), "--cam_method", "seam", "--refiner", "affinitynet",
-             "--aff_batch_size", "8", "--aff_num_epoches", "2", "--aff_logt", "4", "--train_deeplab_pass", "false",
+    flags = [*tiny_run.flags[2:], "--work_dir", str(work), "--cam_method", "seam",
+             "--make_ins_seg_pass", "false", "--eval_ins_seg_pass", "false", "--train_deeplab_pass", "false",
              "--eval_deeplab_pass", "false", "--report_pass", "false"]
     assert run_sample.main(flags) == 0
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
@@ -299,14 +298,9 @@ def test_seam_and_affinitynet_with_cda_run_end_to_end(tiny_run, tmp_path: Path):
         log = [json.loads(line) for line in (work / variant / "sess" / "cam.pth.log.jsonl").read_text().splitlines()]
         assert len(log) == 3 * (64 // (8 if variant == "baseline" else 4))  # three epochs
         assert {"cls", "rvmin", "er", "ecr"} <= set(log[-1])
-        assert (work / variant / "sess" / "affinity.pth").is_file()
         cam_row = next(r for r in rows if r["step"] == "eval_cam" and r["variant"] == variant)
-        seeds = next(r for r in rows if r["step"] == "eval_ir_label" and r["variant"] == variant)
         mask_row = next(r for r in rows if r["step"] == "eval_sem_seg" and r["variant"] == variant
                         and r.get("postprocess") is None)
-        # mIoU in percent: well above labelling everything background (~8.6 on this split, test_cam_stage).
+        # mIoU in percent: well above labelling everything background (~8.6 on this split, test_cam_stage);
+        # measured 36.2 / 32.7 (CAM, best threshold) and 31.4 / 25.9 (masks), baseline / cda.
         assert max(cam_row["sweep"].values()) > 15 and mask_row["miou"] > 15
-        # Labelling each image's class everywhere would make fg seeds ~25% precise (the object share).
-        assert seeds["fg_precision"] > 35 and seeds["bg_precision"] > 80
-    log = (work / "log.txt").read_text()
-    assert "aff_label_from_cam" in log and "make_sem_seg_affinity" in log
