@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ class TinyRun:
 
     def args(self, variant: str = "baseline", *extra: str) -> argparse.Namespace:
         return run_sample.round_args(run_sample.make_args([*self.flags, *extra]), variant)
+
+    def rerun(self, work_dir: Path, *flags: str) -> list[dict]:
+        """A copy of the tiny run in ``work_dir`` run again with ``flags`` (other plug-ins: only what they change
+        reruns), both rounds, no instances, DeepLab or report; returns the copy's metrics rows."""
+        shutil.copytree(self.work_dir, work_dir)
+        quiet = ("--make_ins_seg_pass", "false", "--eval_ins_seg_pass", "false", "--train_deeplab_pass", "false",
+                 "--eval_deeplab_pass", "false", "--report_pass", "false")
+        assert run_sample.main([*self.flags[2:], "--work_dir", str(work_dir), *quiet, *flags]) == 0
+        return [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
 
     def metrics(self) -> list[dict]:
         return [json.loads(line) for line in (self.work_dir / "metrics.jsonl").read_text().splitlines()]

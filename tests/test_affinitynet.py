@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -177,12 +175,8 @@ def test_bad_affinity_flags_are_clear_errors(tmp_path: Path, capsys: pytest.Capt
 
 def test_affinitynet_with_cda_runs_end_to_end(tiny_run, tmp_path: Path):
     work = tmp_path / "aff"
-    shutil.copytree(tiny_run.work_dir, work)
-    flags = [*tiny_run.flags[2:], "--work_dir", str(work), "--refiner", "affinitynet", "--aff_batch_size", "8",
-             "--aff_num_epoches", "2", "--aff_logt", "4", "--train_deeplab_pass", "false",
-             "--eval_deeplab_pass", "false", "--report_pass", "false"]
-    assert run_sample.main(flags) == 0
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    rows = tiny_run.rerun(work, "--refiner", "affinitynet", "--aff_batch_size", "8", "--aff_num_epoches", "2",
+                          "--aff_logt", "4")
     for variant in ("baseline", "cda"):
         assert (work / variant / "sess" / "affinity.pth").is_file()
         seeds = [r for r in rows if r["step"] == "eval_ir_label" and r["variant"] == variant][-1]

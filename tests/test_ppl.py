@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -216,12 +215,7 @@ def test_bad_ppl_flags_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_ppl_with_cda_runs_end_to_end(tiny_run, tmp_path: Path):
     work = tmp_path / "ppl"
-    shutil.copytree(tiny_run.work_dir, work)
-    flags = [*tiny_run.flags[2:], "--work_dir", str(work), "--cam_method", "ppl", "--ppl_stage_epochs", "1", "1", "1",
-             "--make_ins_seg_pass", "false", "--eval_ins_seg_pass", "false", "--train_deeplab_pass", "false",
-             "--eval_deeplab_pass", "false", "--report_pass", "false"]
-    assert run_sample.main(flags) == 0
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    rows = tiny_run.rerun(work, "--cam_method", "ppl", "--ppl_stage_epochs", "1", "1", "1")
     for variant in ("baseline", "cda"):
         log = [json.loads(line) for line in (work / variant / "sess" / "cam.pth.log.jsonl").read_text().splitlines()]
         assert len(log) == 3 * (64 // (8 if variant == "baseline" else 4))  # three stages of one epoch

@@ -4,7 +4,6 @@ the method's flags and CAMs, the paper's network on ResNet-38, and SEAM + CDA en
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -288,12 +287,7 @@ def test_bad_seam_flags_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_seam_with_cda_runs_end_to_end(tiny_run, tmp_path: Path):
     work = tmp_path / "seam"
-    shutil.copytree(tiny_run.work_dir, work)
-    flags = [*tiny_run.flags[2:], "--work_dir", str(work), "--cam_method", "seam",
-             "--make_ins_seg_pass", "false", "--eval_ins_seg_pass", "false", "--train_deeplab_pass", "false",
-             "--eval_deeplab_pass", "false", "--report_pass", "false"]
-    assert run_sample.main(flags) == 0
-    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    rows = tiny_run.rerun(work, "--cam_method", "seam")
     for variant in ("baseline", "cda"):
         log = [json.loads(line) for line in (work / variant / "sess" / "cam.pth.log.jsonl").read_text().splitlines()]
         assert len(log) == 3 * (64 // (8 if variant == "baseline" else 4))  # three epochs
