@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import CAMMethod
-from misc.cam_store import strided_size
+from misc.cam_store import normalise, strided_size
 from misc.errors import UserError
 from misc.io import load_cam
 from misc.train import Stage
@@ -180,7 +180,7 @@ def orand_cam(net: nn.Module, or_maps: torch.Tensor) -> tuple[torch.Tensor, torc
     if or_maps.shape[0] == 0:
         return or_maps.new_zeros((0, *strided_size(h, w))), or_maps.new_zeros((0, h, w))
     m = F.relu(fcn_per_class(net, or_maps).float())
-    high = m / (m.flatten(1).amax(1)[:, None, None] + 1e-5)
+    high = normalise(m)
     cam = F.interpolate(high[None], strided_size(h, w), mode="bilinear", align_corners=False)[0]
     return cam, high
 

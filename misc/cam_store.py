@@ -49,6 +49,14 @@ def strided_size(h: int, w: int, stride: int = 4) -> tuple[int, int]:
     return (h - 1) // stride + 1, (w - 1) // stride + 1
 
 
+def normalise(maps: torch.Tensor, subtract_min: bool = False) -> torch.Tensor:
+    """``(k, h, w)`` fused maps -> each class divided by its max (+1e-5); with ``subtract_min``, first shifted
+    so that its min is 0 (SEAM, seam_affinitynet spec 4.5, clamped at 0 where the reference leaves -1e-5)."""
+    if subtract_min:
+        maps = (maps - maps.flatten(1).amin(1)[:, None, None]).clamp_min(0)
+    return maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)
+
+
 def downsample(high_res: np.ndarray) -> np.ndarray:
     """``(k, H, W)`` -> the bilinear ``(k, H4, W4)`` stride-4 map (for stores that hold only ``high_res``)."""
     x = torch.from_numpy(np.ascontiguousarray(high_res, dtype=np.float32))[None]

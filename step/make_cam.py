@@ -22,6 +22,7 @@ from dataset.labels import load_cls_labels
 from dataset.samples import ImageDataset
 from methods.base import CAMMethod
 from misc import dist
+from misc.cam_store import normalise, strided_size
 from misc.convert import load_weights
 from misc.imutils import hwc_to_chw, normalize, rescale
 from misc.io import save_cam
@@ -60,10 +61,6 @@ class MultiScaleDataset(Dataset):
         return {"name": item["name"], "label": item["label"], "size": img.shape[:2], "pairs": pairs}
 
 
-def strided_size(h: int, w: int, stride: int = 4) -> tuple[int, int]:
-    return (h - 1) // stride + 1, (w - 1) // stride + 1
-
-
 @torch.no_grad()
 def multiscale_cam(
     method: CAMMethod, model: torch.nn.Module, pairs: list[torch.Tensor], size: tuple[int, int], keys: torch.Tensor,
@@ -91,14 +88,6 @@ def multiscale_cam(
         # Resized to the 16-multiple size then cropped, not resized to (H, W): keeps the reference alignment.
         high_res = high_res + F.interpolate(fused, padded16, mode="bilinear", align_corners=False)[0, :, :h, :w]
     return normalise(cam, method.subtract_min), normalise(high_res, method.subtract_min)
-
-
-def normalise(maps: torch.Tensor, subtract_min: bool = False) -> torch.Tensor:
-    """``(k, h, w)`` fused maps -> each class divided by its max (+1e-5); with ``subtract_min``, first shifted
-    so that its min is 0 (SEAM, seam_affinitynet spec 4.5, clamped at 0 where the reference leaves -1e-5)."""
-    if subtract_min:
-        maps = (maps - maps.flatten(1).amin(1)[:, None, None]).clamp_min(0)
-    return maps / (maps.flatten(1).amax(1)[:, None, None] + 1e-5)
 
 
 def load_cam_net(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:

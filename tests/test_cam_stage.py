@@ -7,11 +7,12 @@ import torch
 import run_sample
 from bench.demo_runs import trivial_baselines
 from methods.cam import PlainCAM
+from misc.cam_store import normalise, strided_size
 from misc.io import load_cam, save_cam
 from misc.labels import scores_to_label
 from misc.pipeline import prepare_output_dir
 from step import eval_cam, make_cam
-from step.make_cam import multiscale_cam, normalise, strided_size
+from step.make_cam import multiscale_cam
 
 
 class ConstantCAM(torch.nn.Module):
