@@ -391,6 +391,8 @@ def round_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     # CDA's object bank is cut from the baseline round's pseudo masks (spec 10.2).
     r.bank_masks_dir = str(work_dir / "baseline" / "sem_seg")
     r.cam_aug = variant == "cda"
+    # What the chosen plug-ins say every metrics row measures (misc.pipeline.record adds it).
+    r.metrics_tags = {**methods.cam_method(args).tags(args), **methods.refiner(args).tags(args)}
     # The object bank needs the baseline's masks of every training image, DeepLab the last round's.
     all_rounds = rounds(args)
     if args.cda and variant == "baseline":
@@ -414,9 +416,11 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.dataset = "voc12"
     if args.preset is None:
         args.preset = "demo" if args.data_root is None else "voc"
-    # The segmenter's published schedule (its ``presets``) wins over the pipeline preset for unset flags.
+    # The CAM method's and the segmenter's published recipes (their ``presets``) win over the pipeline preset for
+    # unset flags.
+    cam_preset = methods.CAM_METHODS[args.cam_method].presets.get(args.preset, {})
     segmenter_preset = methods.SEGMENTERS[args.segmenter].presets.get(args.preset, {})
-    for key, value in {**PRESETS[args.preset], **segmenter_preset}.items():
+    for key, value in {**PRESETS[args.preset], **cam_preset, **segmenter_preset}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.work_dir = str(Path(args.work_dir).resolve())

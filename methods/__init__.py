@@ -15,11 +15,14 @@ from methods.deeplab import DeepLabSegmenter
 from methods.irn import IRNRefiner
 from methods.orand import ORANDNet
 from methods.ppl import PPL
+from methods.rca import RCA
+from methods.saliency import SaliencyRefiner
 from methods.seam import SEAM
+from methods.vit import ViTCAM
 from misc.errors import UserError
 
-CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM, ORANDNet)}
-REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner)}
+CAM_METHODS: dict[str, type[CAMMethod]] = {m.name: m for m in (PlainCAM, PPL, SEAM, ORANDNet, ViTCAM, RCA)}
+REFINERS: dict[str, type[Refiner]] = {m.name: m for m in (IRNRefiner, AffinityNetRefiner, SaliencyRefiner)}
 SEGMENTERS: dict[str, type[Segmenter]] = {m.name: m for m in (DeepLabSegmenter, AGMMSegmenter)}
 
 

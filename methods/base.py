@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dataset.base import DatasetInfo
+from dataset.samples import ClassificationDataset
 from misc.pipeline import autocast
 from misc.train import Stage
 
@@ -43,21 +44,39 @@ class Plugin:
         """Once the plug-in is chosen: why its flags are invalid (a one-line message naming the flag), or None."""
         return None
 
+    @classmethod
+    def tags(cls, args: argparse.Namespace) -> dict[str, str]:
+        """Once the plug-in is chosen: labels every metrics row of the run carries, for numbers that are not what
+        the usual setting measures (extra supervision, an upper bound); none by default."""
+        return {}
+
 
 class CAMMethod(Plugin):
     """A classifier trained on tags whose activation maps are the CAMs.
 
     ``settings``: the ``args`` fields (beyond the CAM training ones) that shape the trained weights, part
     of the weights' fingerprint. ``steps``: the round's CAM steps (the generic three, unless the method
-    brings its own). ``subtract_min``: how make_cam normalises the method's maps.
+    brings its own). ``subtract_min``: how make_cam normalises the method's maps. ``presets``: per
+    ``--preset``, the flag values of its published recipe (``cam_batch_size``, its own flags...), which win
+    over the pipeline preset's for flags the user left unset (as a segmenter's).
     """
 
     name: ClassVar[str]
     settings: ClassVar[tuple[str, ...]] = ()
+    presets: ClassVar[dict[str, dict[str, object]]] = {}
     steps: ClassVar[StepList] = (("train_cam", "train_cam"), ("make_cam", "make_cam"), ("eval_cam", "eval_cam"))
     # make_cam divides each class's fused map by its max; a method whose maps sit on a floor (SEAM's PCM output
     # is a weighted mean over the whole image) subtracts their min first.
     subtract_min: ClassVar[bool] = False
+    # make_cam's inference. True: every --cam_scales scale with its flip, fused and resized to the image through
+    # IRNet's 16-aligned padding. False: the image once at its own size, no flip, the maps resized straight to
+    # the image (a method that resizes the image inside ``cams`` itself: ViT relevance at a fixed input size).
+    multi_scale: ClassVar[bool] = True
+    # True: make_cam passes the image's classes, ``cams(model, x, classes)`` with ``classes (k,)``, and only those
+    # maps are read (the others may stay 0): maps that cost a backward pass per class (ViT relevance).
+    per_class: ClassVar[bool] = False
+    # ``args`` fields that shape the maps but not the trained weights: part of make_cam's fingerprint.
+    cam_settings: ClassVar[tuple[str, ...]] = ()
 
     def build(self, args: argparse.Namespace, num_classes: int) -> nn.Module:
         """The network on the CPU, its backbone on ``args.backbone_weights`` (ImageNet)."""
@@ -73,9 +92,23 @@ class CAMMethod(Plugin):
         """Named losses of a batch: images (B, 3, S, S), multi-hot labels (B, C); the first is optimised."""
         raise NotImplementedError
 
+    def batch_losses(self, net: nn.Module, batch: dict, imgs: torch.Tensor,
+                     labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``train_cam``'s call: :meth:`losses` of ``imgs`` / ``labels`` (on the device; with CDA the originals
+        then their composites), with the batch as loaded beside them (``name``: the originals' ids). A method
+        that keeps per-image state overrides this to read the ids (RCA's accumulated maps)."""
+        return self.losses(net, imgs, labels)
+
+    def classification_set(self, args: argparse.Namespace, info: DatasetInfo, ids: list[str],
+                           labels: dict[str, np.ndarray], augment: bool) -> ClassificationDataset:
+        """``train_cam``'s images of ``ids`` (CDA's composites wrap it, through its ``transform``): the CAM recipe's
+        random resize, flip and crop, or with ``augment=False`` (validation) the top-left crop."""
+        return ClassificationDataset(info, ids, labels, resize_long=tuple(args.cam_resize_long),
+                                     crop_size=args.cam_crop_size, augment=augment, seed=args.seed)
+
     def cams(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> non-negative class maps (B, C, h, w), unnormalised (``make_cam`` fuses scales,
-        flips and normalises)."""
+        flips and normalises). A ``per_class`` method takes ``classes`` (k,) as a third argument."""
         raise NotImplementedError
 
 

@@ -17,7 +17,8 @@ method's is, the round's ``<round>/cam`` store that the refiner reads; its steps
 
 Not supported: CDA (``--cda true``). CDA retrains a CAM method's classifier on copy-pasted images, and
 ORANDNet has no image classifier to retrain; run CDA in the runs that make the source stores instead.
-The ViT source of the paper (DeiT-B/16 relevance maps, spec 4) is not built yet: give any two stores.
+The paper's ViT source (DeiT-B/16 relevance maps, spec 4) is ``--cam_method vit`` (``methods.vit``): run it in
+a work dir of its own and give its ``<round>/cam`` as DIR_B with ``--orand_offset 0.15``.
 """
 
 from __future__ import annotations

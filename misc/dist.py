@@ -89,3 +89,30 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         torch_dist.all_reduce(value)
         value /= world_size()
     return value
+
+
+def all_gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows (n_r, ...)`` concatenated in rank order (``rows`` itself with one process).
+
+    The row counts may differ between ranks; the trailing shape and dtype must agree. A collective: every rank
+    calls it, with what it has (possibly no row), so state updated from the result stays identical everywhere.
+    """
+    world = world_size()
+    if world == 1:
+        return rows
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    torch_dist.all_gather(counts, count)
+    most = int(max(c.item() for c in counts))
+    padded = rows.new_zeros((most, *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
+
+
+def broadcast_(value: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``value`` in place with rank ``src``'s (a no-op with one process); returns it."""
+    if world_size() > 1:
+        torch_dist.broadcast(value, src)
+    return value

@@ -1,4 +1,4 @@
-"""Poly learning-rate SGD as used by IRNet (spec 3.3)."""
+"""Poly learning-rate SGD as used by IRNet (spec 3.3), and step-decay Nesterov SGD (RCA, rca spec 7)."""
 
 from __future__ import annotations
 
@@ -46,6 +46,40 @@ class PolyOptimizer(torch.optim.SGD):
         if self.global_step < self.max_step:
             for group, lr0 in zip(self.param_groups, self.initial_lrs, strict=True):
                 group["lr"] = poly_lr(lr0, self.global_step, self.max_step, self.power)
+        loss = super().step(closure)
+        self.global_step += 1
+        return loss
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["global_step"] = self.global_step
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        self.global_step = state_dict.pop("global_step")
+        super().load_state_dict(state_dict)
+
+
+class StepSGD(torch.optim.SGD):
+    """Nesterov SGD whose groups' learning rates are multiplied by ``gamma`` at each of ``milestones`` (steps).
+
+    Each group keeps its own base ``lr`` (RCA's 1x / 2x / 10x / 20x groups). The step count is part of the
+    state dict, so a resumed run continues the schedule (``misc.train``).
+    """
+
+    def __init__(self, groups: Iterable[dict], lr: float, weight_decay: float, momentum: float,
+                 milestones: Iterable[int], gamma: float = 0.1) -> None:
+        super().__init__(list(groups), lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+        self.milestones = sorted(milestones)
+        self.gamma = gamma
+        self.global_step = 0
+        self.initial_lrs = [g["lr"] for g in self.param_groups]
+
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        factor = self.gamma ** sum(self.global_step >= m for m in self.milestones)
+        for group, lr0 in zip(self.param_groups, self.initial_lrs, strict=True):
+            group["lr"] = lr0 * factor
         loss = super().step(closure)
         self.global_step += 1
         return loss

