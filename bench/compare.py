@@ -3,10 +3,13 @@
     # A finished 3-seed study (python -m bench.demo_runs --root runs/demo ...), then an arm that changes only
     # the refiner: its CAMs are reused (same fingerprints), everything after them is recomputed.
     python -m bench.compare derive --base runs/demo --name affinitynet --seeds 0 1 2 -- --refiner affinitynet
+    # A derived run resumes with its base's last settings: bench.demo_runs' last run of a seed is --cda false,
+    # so an arm's CDA round is one more derivation, of the arm itself (only the CDA round runs).
+    python -m bench.compare derive --base runs/demo_affinitynet --name cda --seeds 0 1 2 -- --cda true
     # One table, one column per arm (LABEL=RUN_ROOT[:ROUND]), mean +- std over the seeds, into docs/benchmarks.md.
     python -m bench.compare report --seeds 0 1 2 --section refiners --title "IRN vs AffinityNet" \
         --arm "IRNet=runs/demo" --arm "AffinityNet=runs/demo_affinitynet" \
-        --arm "AffinityNet + CDA=runs/demo_affinitynet:cda"
+        --arm "AffinityNet + CDA=runs/demo_affinitynet_cda:cda"
 
 ``derive`` makes ``<base>_<name>/seed<N>`` from ``<base>/seed<N>``: images, arrays and weights are hard
 links (nothing is copied twice, and a step that rewrites a file replaces the link), every other file
