@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -131,6 +132,23 @@ def prepare_outputs(ids: list[str], outputs: dict[str, dict[str, Any]], base: st
     dirs = [prepare_output_dir(d, fingerprint(base=base, **settings), f"*{suffix}") for d, settings in outputs.items()]
     missing = set().union(*(pending(ids, d, suffix) for d in dirs))
     return dirs, [i for i in dist.shard(ids) if i in missing]
+
+
+def map_images(job: Callable[[str], object], ids: Sequence[str], desc: str, num_workers: int) -> None:
+    """Run ``job(image_id)`` for every id, in this process or over a pool of ``num_workers`` processes (CPU work
+    per image: CRFs, fusions), with a progress bar on rank 0. ``job`` must pickle (a module-level function or a
+    ``functools.partial`` of one)."""
+    bar = tqdm(total=len(ids), desc=desc, disable=not dist.is_main(), mininterval=2)
+    if num_workers <= 1:
+        for image_id in ids:
+            job(image_id)
+            bar.update()
+    else:
+        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
+        with mp.get_context("spawn").Pool(num_workers) as pool:
+            for _ in pool.imap_unordered(job, ids, chunksize=4):
+                bar.update()
+    bar.close()
 
 
 def trained_weights(given: str | None, trained: str, step: str, flag: str) -> str:

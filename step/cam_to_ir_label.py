@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing as mp
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 import dataset
 import methods
 from dataset.base import read_id_list
-from misc import dist
 from misc.io import load_cam, save_png
-from misc.pipeline import dir_fingerprint, fingerprint, pending, prepare_output_dir, require_files
+from misc.pipeline import dir_fingerprint, fingerprint, map_images, pending, prepare_output_dir, require_files
 
 log = logging.getLogger("wsss")
 
@@ -46,14 +43,4 @@ def run(args: argparse.Namespace) -> None:
     log.info("cam_to_ir_label: %s %s", rule.__name__, settings)
     job = partial(_make_ir_label, dataset_name=args.dataset, root=args.data_root, max_side=args.max_image_side,
                   cam_dir=args.cam_out_dir, out_dir=str(out_dir), rule=rule, settings=settings)
-    bar = tqdm(total=len(todo), desc="cam_to_ir_label", disable=not dist.is_main(), mininterval=2)
-    if args.num_workers <= 1:
-        for image_id in todo:
-            job(image_id)
-            bar.update()
-    else:
-        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
-        with mp.get_context("spawn").Pool(args.num_workers) as pool:
-            for _ in pool.imap_unordered(job, todo, chunksize=4):
-                bar.update()
-    bar.close()
+    map_images(job, todo, "cam_to_ir_label", args.num_workers)

@@ -13,18 +13,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import multiprocessing as mp
 from functools import partial
 from pathlib import Path
-
-from tqdm import tqdm
 
 import dataset
 from dataset.base import read_id_list
 from methods.saliency import FUSION, gt_saliency, read_saliency, saliency_dir, saliency_label
 from misc import dist
 from misc.io import load_cam, save_png
-from misc.pipeline import dir_fingerprint, fingerprint, pending, prepare_outputs, require_files
+from misc.pipeline import dir_fingerprint, fingerprint, map_images, pending, prepare_outputs, require_files
 
 log = logging.getLogger("wsss")
 
@@ -72,14 +69,4 @@ def run(args: argparse.Namespace) -> None:
              else "")
     job = partial(_fuse, dataset_name=args.dataset, root=args.data_root, max_side=args.max_image_side,
                   cam_dir=args.cam_out_dir, sal_dir=str(sal_dir), out_dirs=[str(d) for d in dirs])
-    bar = tqdm(total=len(todo), desc="make_sem_seg_saliency", disable=not dist.is_main(), mininterval=2)
-    if args.num_workers <= 1:
-        for image_id in todo:
-            job(image_id)
-            bar.update()
-    else:
-        # spawn, not fork: forking a process that already runs torch's thread pools can deadlock.
-        with mp.get_context("spawn").Pool(args.num_workers) as pool:
-            for _ in pool.imap_unordered(job, todo, chunksize=4):
-                bar.update()
-    bar.close()
+    map_images(job, todo, "make_sem_seg_saliency", args.num_workers)
