@@ -44,7 +44,7 @@ from dataset.base import DatasetInfo, read_id_list
 from dataset.cityscapes import TRAIN_IDS_SUFFIX, Cityscapes
 from dataset.samples import SegmentationDataset
 from misc.errors import UserError
-from misc.io import load_png, save_json, save_png
+from misc.io import files_fingerprint, load_png, save_json, save_png
 from misc.labels import SPARSE_PADDING, unlabelled_value
 
 SUPERVISIONS: tuple[str, ...] = ("points", "scribbles")
@@ -135,11 +135,7 @@ class SparseLabels:
 
     def fingerprint(self, ids: Iterable[str]) -> str:
         """Identity of the files of ``ids`` (names, sizes, modification times): new labels retrain."""
-        h = hashlib.sha1()
-        for i in ids:
-            stat = self.path(i).stat()
-            h.update(f"{i}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        return h.hexdigest()[:16]
+        return files_fingerprint((i, self.path(i)) for i in ids)
 
 
 class SparseSegmentationDataset(SegmentationDataset):

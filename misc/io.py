@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +133,13 @@ def latest_metrics(work_dir: str | os.PathLike) -> dict[tuple[str, str, str | No
         variant = "gt" if row.get("labels") == "gt" else row.get("variant", "-")
         latest[(variant, row["step"], row.get("postprocess"))] = row
     return latest
+
+
+def files_fingerprint(files: Iterable[tuple[str, str | os.PathLike]]) -> str:
+    """Identity of named files ``(name, path)`` by their names, sizes and modification times: cheap, and it
+    changes whenever a file is replaced (labels or maps a user puts in a folder: new files, new outputs)."""
+    h = hashlib.sha1()
+    for name, path in files:
+        stat = Path(path).stat()
+        h.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]

@@ -11,7 +11,6 @@ is CPU work, so it runs in a pool of ``num_workers`` processes, each rank taking
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,7 @@ import dataset
 from dataset.base import read_id_list
 from methods.saliency import FUSION, gt_saliency, read_saliency, saliency_dir, saliency_label
 from misc import dist
-from misc.io import load_cam, save_png
+from misc.io import files_fingerprint, load_cam, save_png
 from misc.pipeline import dir_fingerprint, fingerprint, map_images, pending, prepare_outputs, require_files
 
 log = logging.getLogger("wsss")
@@ -38,15 +37,6 @@ def _fuse(image_id: str, *, dataset_name: str, root: str, max_side: int | None, 
     return image_id
 
 
-def _files_fingerprint(folder: Path, ids: list[str]) -> str:
-    """Identity of the saliency maps of ``ids`` (names, sizes, modification times): new maps, new masks."""
-    h = hashlib.sha1()
-    for image_id in ids:
-        stat = (folder / f"{image_id}.png").stat()
-        h.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
 def run(args: argparse.Namespace) -> None:
     ids = read_id_list(args.infer_list)
     require_files(args.cam_out_dir, ids, ".npz", "make_cam")
@@ -59,7 +49,8 @@ def run(args: argparse.Namespace) -> None:
     require_files(sal_dir, ids, ".png", "the saliency model",
                   "put one saliency map per image there (<id>.png, grey 0-255), or pass --saliency_gt true for the "
                   "ground-truth upper bound")
-    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), saliency=_files_fingerprint(sal_dir, ids),
+    saliency = files_fingerprint((i, sal_dir / f"{i}.png") for i in ids)
+    fp = fingerprint(cams=dir_fingerprint(args.cam_out_dir, "make_cam"), saliency=saliency,
                      fusion=FUSION)
     outputs: dict[str, dict[str, object]] = {args.sem_seg_out_dir: {}}
     if args.deeplab_ignore_uncertain:
