@@ -432,7 +432,9 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     else:
         args.data_root = str(Path(args.data_root).expanduser().resolve())
     sparse = args.supervision != "tags"
-    if sparse or not dataset.from_args(args).has_background:
+    # A segmenter that does not learn from tags (AGMM) trained on ground truth needs no CAM round either.
+    own_labels = sparse or args.deeplab_gt and "tags" not in methods.SEGMENTERS[args.segmenter].supervisions
+    if own_labels or not dataset.from_args(args).has_background:
         # The tags-to-masks steps need a background class; on such a dataset the segmenter trains on masks.
         # Sparse labels need no CAM round at all: the segmenter learns from them directly.
         if not sparse and not args.deeplab_gt:
@@ -584,7 +586,7 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
         if args.device != "auto":
             parser.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
     learns_from = methods.SEGMENTERS[args.segmenter].supervisions
-    if args.supervision not in learns_from:
+    if args.supervision not in learns_from and not args.deeplab_gt:
         able = [name for name, s in methods.SEGMENTERS.items() if args.supervision in s.supervisions]
         parser.error(f"--segmenter {args.segmenter} learns from {' or '.join(learns_from)}, not --supervision "
                      f"{args.supervision}: pass --supervision {' or '.join(learns_from)}, or --segmenter "

@@ -18,7 +18,8 @@ Command line (each writes PNGs in the layout above, unlabelled = K):
     python -m dataset.sparse points --data_root VOC --json voc_whats_the_point.json \\
         voc_whats_the_point_bg_from_scribbles.json            # -> VOC/point/segcls
     python -m dataset.sparse scribbles --data_root VOC --xml voc_scribbles.zip   # -> VOC/scribble/seginst
-    python -m dataset.sparse clicks --dataset cityscapes --data_root CS --total 100 --seed 0  # -> CS/100clicks
+    python -m dataset.sparse generate --dataset cityscapes --data_root CS --total 100 --seed 0  # -> CS/100clicks
+    python -m dataset.sparse generate --kind scribbles --data_root VOC --out DIR   # seeded, from the masks
 
 Rasterisation as TEL does it: a click is a filled disc of diameter 3 (``CLICK_RADIUS``), a scribble a
 polyline of width 3 with curved joints plus a 3-pixel dot at every vertex, on a canvas of ``K``.
@@ -138,12 +139,43 @@ class SparseLabels:
         return files_fingerprint((i, self.path(i)) for i in ids)
 
 
+class GroundTruthLabels:
+    """The ground truth read as sparse labels with every pixel labelled (void -> unlabelled ``K``): the
+    full-mask upper bound of a sparse-label segmenter (``--segmenter agmm --deeplab_gt true``), trained by the
+    same network, losses, crop and augmentation as on points or scribbles. Same interface as ``SparseLabels``."""
+
+    supervision = "gt"
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.info, self.folder = info, info.root
+
+    def path(self, image_id: str) -> Path:
+        """The mask ``read_training_mask`` reads (VOC: SBD's when present)."""
+        aug = self.info.seg_class_aug(image_id)
+        return aug if aug is not None and aug.is_file() else self.info.seg_class(image_id)
+
+    def require(self, ids: Sequence[str]) -> None:
+        missing = [i for i in ids if not self.info.has_training_mask(i)]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(ids)} training images have no ground truth (first: "
+                            f"{self.path(missing[0])}): train on a list whose ids have masks.")
+
+    def read(self, image_id: str) -> np.ndarray:
+        mask = self.info.read_training_mask(image_id).copy()
+        mask[mask >= self.info.num_labels] = unlabelled_value(self.info.num_labels)
+        return mask
+
+    def fingerprint(self, ids: Iterable[str]) -> str:
+        return files_fingerprint((i, p) for i in ids if (p := self.path(i)).is_file())
+
+
 class SparseSegmentationDataset(SegmentationDataset):
     """``SegmentationDataset`` over sparse labels: the same joint scale / flip / crop (crop padding is 255,
     never ``K``, and the nearest-neighbour scaling invents no value), plus ``'cls_label'`` float32 ``(K,)``
     of the uncropped file."""
 
-    def __init__(self, info: DatasetInfo, ids: Sequence[str], labels: SparseLabels, **kwargs: Any) -> None:
+    def __init__(self, info: DatasetInfo, ids: Sequence[str], labels: SparseLabels | GroundTruthLabels,
+                 **kwargs: Any) -> None:
         super().__init__(info, ids, None, **kwargs)
         self.labels = labels
 
@@ -354,17 +386,21 @@ def image_rng(seed: int, image_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, int.from_bytes(hashlib.sha1(image_id.encode()).digest()[:8], "little")])
 
 
-def write_clicks(info: DatasetInfo, ids: Sequence[str], out_dir: str | os.PathLike, seed: int, *,
-                 per_class: int | None = None, total: int | None = None) -> Path:
-    """Generate the clicks of ``ids`` from the dataset's ground truth into ``out_dir`` (the layout's file
-    names) and record the settings in ``out_dir/clicks.json``, so the files are known and kept fixed."""
-    labels = SparseLabels(info, "points", out_dir)
+def write_generated(info: DatasetInfo, ids: Sequence[str], out_dir: str | os.PathLike, seed: int,
+                    supervision: str = "points", *, per_class: int | None = None, total: int | None = None) -> Path:
+    """Generate the sparse labels of ``ids`` from the dataset's ground truth into ``out_dir`` (the layout's
+    file names): clicks (``generate_clicks``, ``per_class`` or ``total``) or scribbles (``generate_scribbles``),
+    and record the settings in ``out_dir/generated.json``, so the files are known and kept fixed."""
+    labels = SparseLabels(info, supervision, out_dir)
     for i in ids:
-        sparse = generate_clicks(info.load_mask(i), info.num_labels, image_rng(seed, i), per_class=per_class,
-                                 total=total)
+        mask, rng = info.load_mask(i), image_rng(seed, i)
+        sparse = (generate_clicks(mask, info.num_labels, rng, per_class=per_class, total=total)
+                  if supervision == "points" else generate_scribbles(mask, info.num_labels, rng))
         save_png(labels.path(i), sparse, info.palette)
-    save_json(Path(out_dir) / "clicks.json", {"seed": seed, "per_class": per_class, "total": total,
-                                              "images": len(ids), "generator": "dataset.sparse.generate_clicks"})
+    generator = "generate_clicks" if supervision == "points" else "generate_scribbles"
+    save_json(Path(out_dir) / "generated.json", {"supervision": supervision, "seed": seed, "per_class": per_class,
+                                                 "total": total, "images": len(ids),
+                                                 "generator": f"dataset.sparse.{generator}"})
     return Path(out_dir)
 
 
@@ -374,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dataset.sparse", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    for name in ("points", "scribbles", "clicks"):
+    for name in ("points", "scribbles", "generate"):
         s = sub.add_parser(name)
         s.add_argument("--dataset", default="voc12")
         s.add_argument("--data_root", required=True)
@@ -384,22 +420,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif name == "scribbles":
             s.add_argument("--xml", required=True, help="ScribbleSup: a folder of XMLs or voc_scribbles.zip")
         else:
-            s.add_argument("--list", default=None, help="ids to click (default: the dataset's train list)")
+            s.add_argument("--kind", choices=SUPERVISIONS, default="points")
+            s.add_argument("--list", default=None, help="ids to label (default: the dataset's train list)")
             s.add_argument("--seed", type=int, default=0)
-            s.add_argument("--per_class", type=int, default=None)
-            s.add_argument("--total", type=int, default=None)
+            s.add_argument("--per_class", type=int, default=None, help="points: clicks on every class present")
+            s.add_argument("--total", type=int, default=None, help="points: clicks drawn over the valid pixels")
     args = p.parse_args(argv)
     try:
         info = dataset.get_dataset(args.dataset, args.data_root).check()
-        if args.command == "clicks":
-            if (args.per_class is None) == (args.total is None):
-                p.error("give one of --per_class N and --total N")
+        if args.command == "generate":
+            points = args.kind == "points"
+            if points and (args.per_class is None) == (args.total is None):
+                p.error("--kind points: give one of --per_class N and --total N")
+            if not points and (args.per_class, args.total) != (None, None):
+                p.error("--per_class and --total are for --kind points; scribbles mark every region once")
             clicks = args.total if args.total in CITYSCAPES_CLICKS else CITYSCAPES_CLICKS[-1]
-            out = args.out or SparseLabels(info, "points", clicks=clicks).folder
-            lst = args.list or info.list_path(info.default_lists["train_list"][0], Path(out) / "lists")
+            out = args.out or SparseLabels(info, args.kind, clicks=clicks).folder
+            lists = (info.list_path(split, Path(out) / "lists") for split in info.default_lists["train_list"])
+            lst = args.list or next((path for path in lists if path is not None), None)
+            if lst is None:
+                p.error(f"{info.root} has no training list ({' or '.join(info.default_lists['train_list'])}): "
+                        "give the ids to label with --list")
             ids = read_id_list(lst)
-            write_clicks(info, ids, out, args.seed, per_class=args.per_class, total=args.total)
-            print(f"{len(ids)} click files in {out}")
+            write_generated(info, ids, out, args.seed, args.kind, per_class=args.per_class, total=args.total)
+            print(f"{len(ids)} {args.kind} files in {out}")
         else:
             out = args.out or SparseLabels(info, args.command).folder
             n = (convert_points(info, args.json, out) if args.command == "points"

@@ -7,7 +7,8 @@ skips those rounds and ``train_deeplab`` trains this segmenter on the labels of 
 ``eval_deeplab`` scores it (multi-scale + flip) like any segmenter.
 
 ``--agmm_losses pce`` trains the same network on the partial cross-entropy alone, the baseline AGMM's GMM
-terms are measured against.
+terms are measured against; ``--deeplab_gt true`` trains it on the full ground-truth masks through the same
+data pipeline (``dataset.sparse.GroundTruthLabels``), the upper bound of both.
 
 Deviations from the published setting (README, "Points and scribbles"):
 
@@ -30,7 +31,14 @@ import torch
 from torch import nn
 
 from dataset.base import DatasetInfo
-from dataset.sparse import CITYSCAPES_CLICKS, SUPERVISIONS, SparseLabels, SparseSegmentationDataset, strong_augment
+from dataset.sparse import (
+    CITYSCAPES_CLICKS,
+    SUPERVISIONS,
+    GroundTruthLabels,
+    SparseLabels,
+    SparseSegmentationDataset,
+    strong_augment,
+)
 from methods.base import Segmenter
 from misc.flags import str2bool
 from misc.pipeline import autocast
@@ -134,9 +142,10 @@ class AGMMSegmenter(Segmenter):
 
     def training_set(self, args: argparse.Namespace, info: DatasetInfo, ids: list[str]
                      ) -> tuple[SparseSegmentationDataset, str, str]:
-        labels = SparseLabels(info, args.supervision, args.sparse_dir, args.sparse_clicks)
+        labels = (GroundTruthLabels(info) if args.deeplab_gt
+                  else SparseLabels(info, args.supervision, args.sparse_dir, args.sparse_clicks))
         labels.require(ids)
         data = SparseSegmentationDataset(info, ids, labels, crop_size=args.deeplab_crop_size,
                                          scale_range=SCALE_RANGE, seed=args.seed, augment=True,
                                          photometric=strong_augment if args.agmm_strong_aug else None)
-        return data, labels.fingerprint(ids), f"{args.supervision} in {labels.folder}"
+        return data, labels.fingerprint(ids), f"{labels.supervision} in {labels.folder}"

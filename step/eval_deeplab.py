@@ -114,10 +114,10 @@ def predict_ids(
 def _labels(args: argparse.Namespace) -> str:
     """What the segmenter learnt from, for the metrics row: ``gt``, ``pseudo`` (the rounds' masks), or the
     sparse supervision itself (``points`` / ``scribbles``)."""
+    if args.deeplab_gt:
+        return "gt"
     supervision = getattr(args, "supervision", "tags")
-    if supervision != "tags":
-        return supervision
-    return "gt" if args.deeplab_gt else "pseudo"
+    return "pseudo" if supervision == "tags" else supervision
 
 
 def postprocess_fingerprint(args: argparse.Namespace, weights: Path, postprocess: str) -> str:
