@@ -30,12 +30,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.demo_runs import REPO, STAGES, fmt, stage_values, write_section
+from bench.demo_runs import REPO, STAGES, Stage, fmt, stage_values, write_section
 from misc.io import read_metrics
 
 # Files a step only ever replaces whole (atomically) or never touches (the demo's photos): safe to share
 # with the base run as hard links.
 LINKED_SUFFIXES = (".png", ".jpg", ".jpeg", ".npz", ".pth")
+# The arm tables' stages: the demo table's, plus the CAMs' precision and recall (ORANDNet is about precision),
+# the OR and AND maps of an ensemble, and a segmenter trained on labels of its own (AGMM's points or
+# scribbles, and the same network on the full ground truth, its upper bound); msf, the sparse methods' protocol.
+ARM_STAGES: tuple[Stage, ...] = (
+    *STAGES[:3],
+    ("CAM precision (best thr)", "eval_cam", "sweep_precision", {}),
+    ("CAM recall (best thr)", "eval_cam", "sweep_recall", {}),
+    *((f"{name} map {what}", f"eval_{name.lower()}_cam", key, {}) for name in ("OR", "AND")
+      for what, key in (("mIoU (best thr)", "sweep"), ("precision (best thr)", "sweep_precision"),
+                        ("recall (best thr)", "sweep_recall"))),
+    *STAGES[3:],
+    ("segmenter val mIoU, trained on the sparse labels", "eval_deeplab", "miou",
+     {"labels": ("points", "scribbles"), "postprocess": "msf"}),
+    ("segmenter val mIoU, trained on the full ground truth", "eval_deeplab", "miou",
+     {"labels": "gt", "postprocess": "msf"}),
+)
 BASE_CONFIG = "config.base.yaml"
 BASE_ROWS = "compare.base_metrics.jsonl"
 DONE = "compare.done"
@@ -115,13 +131,13 @@ def report(arms: list[tuple[str, Path, str]], seeds: list[int], command: str) ->
         counts[label] = len(works)
         per_stage: dict[str, list[float]] = {}
         for work in works:
-            for stage, value in stage_values(own_rows(work), variant).items():
+            for stage, value in stage_values(own_rows(work), variant, ARM_STAGES).items():
                 per_stage.setdefault(stage, []).append(value)
         values[label] = per_stage
     labels = [label for label, _, _ in arms]
     lines = [f"With `{command}`; mean ± standard deviation over the finished seeds of {seeds}.", "",
              "| stage | " + " | ".join(labels) + " |", "| --- |" + " --- |" * len(labels)]
-    for stage, *_ in STAGES:
+    for stage, *_ in ARM_STAGES:
         if any(stage in values[label] for label in labels):
             digits = 2 if stage == "best CAM threshold" else 1
             lines.append(f"| {stage} | " + " | ".join(fmt(values[label].get(stage, []), digits) for label in labels)

@@ -62,14 +62,17 @@ def trivial_baselines(voc12_root: Path, eval_list: Path) -> dict[str, float]:
 
 
 def latest(rows: list[dict], step: str, variant: str, **match: object) -> dict | None:
+    """The last row of ``step`` in round ``variant`` whose fields equal ``match`` (a tuple: one of its values)."""
     found = [r for r in rows if r["step"] == step and r.get("variant") == variant
-             and all(r.get(k) == v for k, v in match.items())]
+             and all(r.get(k) in v if isinstance(v, tuple) else r.get(k) == v for k, v in match.items())]
     return found[-1] if found else None
 
 
 # The rows of every stage table: (stage, metrics step, field, fields the row must match). "sweep" is the
-# best value of eval_cam's threshold sweep; "ignored" a fraction, reported in percent.
-STAGES: tuple[tuple[str, str, str, dict[str, object]], ...] = (
+# best value of eval_cam's threshold sweep, "sweep_precision" / "sweep_recall" the value at that best
+# threshold; "ignored" a fraction, reported in percent.
+Stage = tuple[str, str, str, dict[str, object]]
+STAGES: tuple[Stage, ...] = (
     ("best CAM threshold", "eval_cam", "best_threshold", {}),
     ("CAM mIoU (thr 0.15)", "eval_cam", "miou", {}),
     ("CAM mIoU (best thr)", "eval_cam", "sweep", {}),
@@ -86,14 +89,20 @@ STAGES: tuple[tuple[str, str, str, dict[str, object]], ...] = (
 )
 
 
-def stage_values(rows: list[dict], variant: str) -> dict[str, float]:
-    """The latest value of every stage of ``STAGES`` that round ``variant`` of a run recorded."""
+def stage_values(rows: list[dict], variant: str, stages: tuple[Stage, ...] = STAGES) -> dict[str, float]:
+    """The latest value of every stage of ``stages`` that round ``variant`` of a run recorded."""
     out = {}
-    for stage, step, key, match in STAGES:
+    for stage, step, key, match in stages:
         row = latest(rows, step, variant, **match)
-        if row is not None and row[key] is not None:
-            value = max(row["sweep"].values()) if key == "sweep" else row[key]
-            out[stage] = 100 * value if key == "ignored" else value
+        if row is None or row.get(key) is None:
+            continue
+        if key == "sweep":
+            value = max(row["sweep"].values())
+        elif key in ("sweep_precision", "sweep_recall"):
+            value = row[key][f"{row['best_threshold']:.2f}"]
+        else:
+            value = row[key]
+        out[stage] = 100 * value if key == "ignored" else value
     return out
 
 

@@ -119,3 +119,22 @@ def test_compare_derives_without_touching_the_base_and_reports_finished_seeds_on
     # The derived arm recomputed the masks only: its CAM row is not its base's.
     assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | 50.0 | - |" in body
     assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - | - |" in body
+
+
+def test_arm_tables_read_precision_at_the_best_threshold_and_segmenters_own_labels(tmp_path):
+    """ORANDNet's rows (a map's precision and recall at its best threshold, OR and AND) and AGMM's (a segmenter
+    trained on points, scribbles or the full ground truth)."""
+    sweep = {"miou": 30.0, "best_threshold": 0.2, "sweep": {"0.10": 30.0, "0.20": 35.0},
+             "sweep_precision": {"0.10": 40.0, "0.20": 60.0}, "sweep_recall": {"0.10": 90.0, "0.20": 70.0}}
+    rows = [{"step": "eval_cam", "variant": "baseline", **sweep},
+            {"step": "eval_and_cam", "variant": "baseline", **sweep, "best_threshold": 0.1},
+            {"step": "eval_deeplab", "variant": "baseline", "labels": "scribbles", "postprocess": "msf", "miou": 55.0},
+            {"step": "eval_deeplab", "variant": "baseline", "labels": "points", "postprocess": "msf+crf", "miou": 1.0}]
+    values = demo_runs.stage_values(rows, "baseline", compare.ARM_STAGES)
+    assert values["CAM mIoU (best thr)"] == 35.0
+    assert (values["CAM precision (best thr)"], values["CAM recall (best thr)"]) == (60.0, 70.0)
+    assert (values["AND map precision (best thr)"], values["AND map recall (best thr)"]) == (40.0, 90.0)
+    assert "OR map mIoU (best thr)" not in values
+    assert values["segmenter val mIoU, trained on the sparse labels"] == 55.0  # msf only, the CRF row not taken
+    assert "segmenter val mIoU, trained on the full ground truth" not in values
+    assert "CAM precision (best thr)" not in demo_runs.stage_values(rows, "baseline")  # the demo table's rows
