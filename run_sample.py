@@ -454,7 +454,11 @@ def make_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, REFERENCE[name])
     _check_flags(args, parser)
     if Path(args.data_root).is_dir():  # the demo's lists are resolved once run_pipeline has generated it
-        resolve_lists(args)
+        try:
+            resolve_lists(args)
+        except UserError:
+            if not args.demo:
+                raise  # a demo whose generation was interrupted has no lists yet: run_pipeline regenerates it
     return args
 
 

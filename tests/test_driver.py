@@ -55,6 +55,17 @@ def test_a_voc_layout_folder_runs_on_its_own_lists(tmp_path):
         run_sample.make_args(["--voc12_root", str(tmp_path / "bare"), "--train_list", str(own / "train.txt")])
 
 
+def test_a_demo_whose_generation_was_interrupted_is_regenerated(tmp_path):
+    # What a kill during the demo's generation leaves: its folders, some files, no lists and no manifest.
+    (tmp_path / "demo_voc12" / "JPEGImages").mkdir(parents=True)
+    (tmp_path / "demo_voc12" / "ImageSets" / "Segmentation").mkdir(parents=True)
+    steps = [x for step in run_sample.STEP_PASSES for x in (f"--{step}_pass", "false")]
+    assert run_sample.main(["--work_dir", str(tmp_path), "--demo_size", "6", "3", "3", *steps]) == 0
+    lists = tmp_path / "demo_voc12" / "ImageSets" / "Segmentation"
+    assert len((lists / "train_aug.txt").read_text().split()) == 6 and len(list((tmp_path / "demo_voc12" /
+                                                                                 "JPEGImages").iterdir())) == 9
+
+
 def test_round_paths_are_separate(tmp_path):
     args = run_sample.make_args(["--work_dir", str(tmp_path)])
     base, cda = run_sample.round_args(args, "baseline"), run_sample.round_args(args, "cda")
