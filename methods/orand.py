@@ -12,7 +12,8 @@ method's is, the round's ``<round>/cam`` store that the refiner reads; its steps
   recall, spec 9), the two ends the ORAND CAM lies between;
 - ``train_orandnet``: the FCN-8s (``net.orandnet``, spec 6.1) learns to map a class's OR map to its AND map,
   one image per iteration (spec 6.2), through the pipeline's training loop (exact resume);
-- ``make_orand_cam``: ``relu(FCN(OR_c))``, max-normalised, into ``<round>/cam`` (spec 6.3);
+- ``make_orand_cam``: ``relu(FCN(OR_c))`` max-normalised (``sigmoid``, min-max, after ``bce``), into
+  ``<round>/cam`` (spec 6.3);
 - ``eval_cam``: the ORAND CAM's row (and, with ``--calibrate_thresholds``, the refiner's thresholds).
 
 Not supported: CDA (``--cda true``). CDA retrains a CAM method's classifier on copy-pasted images, and
@@ -174,14 +175,22 @@ def orand_loss(logits: torch.Tensor, target: torch.Tensor, kind: str = "softmax_
 
 
 @torch.no_grad()
-def orand_cam(net: nn.Module, or_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ORAND CAM of one image (spec 6.3) from its OR maps ``(k, H, W)``: ``m = relu(FCN(OR_c))`` divided
-    by its max (+1e-5) per class; returns ``(cam (k, H4, W4) bilinear, high_res (k, H, W))``, float32."""
+def orand_cam(net: nn.Module, or_maps: torch.Tensor, loss: str = "softmax_ce") -> tuple[torch.Tensor, torch.Tensor]:
+    """The ORAND CAM of one image (spec 6.3) from its OR maps ``(k, H, W)``: the FCN's map divided by its max
+    (+1e-5) per class; returns ``(cam (k, H4, W4) bilinear, high_res (k, H, W))``, float32.
+
+    The map is ``relu(FCN(OR_c))`` for the reference's ``softmax_ce`` (its logits have no fixed sign), and
+    ``sigmoid(FCN(OR_c))``, min-max normalised, for an FCN trained with ``bce``: that network predicts AND
+    through a sigmoid, and since AND is small on most pixels its logits are mostly negative, which a ReLU
+    zeroes (measured on the demo: every ORAND map all zero); the sigmoid's floor carries no location, so it
+    is subtracted.
+    """
     h, w = or_maps.shape[-2:]
     if or_maps.shape[0] == 0:
         return or_maps.new_zeros((0, *strided_size(h, w))), or_maps.new_zeros((0, h, w))
-    m = F.relu(fcn_per_class(net, or_maps).float())
-    high = normalise(m)
+    logits = fcn_per_class(net, or_maps).float()
+    bce = loss == "bce"
+    high = normalise(torch.sigmoid(logits) if bce else F.relu(logits), subtract_min=bce)
     cam = F.interpolate(high[None], strided_size(h, w), mode="bilinear", align_corners=False)[0]
     return cam, high
 

@@ -42,13 +42,13 @@ def run(args: argparse.Namespace) -> None:
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.to(device).eval()
     fp = fingerprint(weights=weights_fingerprint(weights), or_cams=dir_fingerprint(paths["or"], "combine_cams"),
-                     method="orand")
+                     method="orand", activation="sigmoid" if args.orandnet_loss == "bce" else "relu")
     out_dir = prepare_output_dir(args.cam_out_dir, fp, "*.npz")
     ids = read_id_list(args.train_list)
     require_files(paths["or"], ids, ".npz", "combine_cams")
     todo = pending(ids, out_dir, ".npz")
     for image_id in tqdm(todo, desc="make_orand_cam", disable=not dist.is_main(), mininterval=2):
         cams = load_cam(paths["or"] / f"{image_id}.npz")
-        cam, high = orand_cam(model, torch.from_numpy(cams["high_res"]).to(device))
+        cam, high = orand_cam(model, torch.from_numpy(cams["high_res"]).to(device), args.orandnet_loss)
         save_cam(out_dir / f"{image_id}.npz", cams["keys"], cam.cpu().numpy(), high.cpu().numpy())
     log.info("make_orand_cam: %d ORAND CAMs -> %s", len(todo), out_dir)

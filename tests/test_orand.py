@@ -233,6 +233,24 @@ def test_orand_cams_are_non_negative_max_normalised_in_key_order():
     assert orand_cam(net, torch.zeros(0, 17, 23))[1].shape == (0, 17, 23)
 
 
+def test_an_fcn_trained_with_bce_is_read_through_its_sigmoid():
+    """All-negative logits (what BCE against a mostly small AND teaches): a ReLU would zero every map; the
+    sigmoid keeps their order, min-max normalised to [0, 1]."""
+    torch.manual_seed(0)
+    net = FCN8s(width=0.0625).eval()
+    with torch.no_grad():
+        net.score_final.bias.fill_(-5.0)
+    or_maps = torch.rand(2, 17, 23)
+    logits = fcn_per_class(net, or_maps)
+    assert (logits < 0).all() and (orand_cam(net, or_maps)[1] == 0).all()  # relu: the reference's reading
+    high = orand_cam(net, or_maps, "bce")[1]
+    assert torch.allclose(high.flatten(1).amax(1), torch.ones(2), atol=1e-2)  # the +1e-5 of a small range
+    assert torch.allclose(high.flatten(1).amin(1), torch.zeros(2))
+    expected = torch.sigmoid(logits)
+    expected = expected - expected.flatten(1).amin(1)[:, None, None]
+    assert torch.allclose(high, expected / (expected.flatten(1).amax(1)[:, None, None] + 1e-5), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- precision-aware threshold
 
 
