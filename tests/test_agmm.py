@@ -410,7 +410,7 @@ def test_generate_command_writes_seeded_scribbles_from_the_masks(tmp_path: Path)
 
 
 def test_cityscapes_layout_trains_agmm_on_generated_clicks(tmp_path: Path) -> None:
-    """The Cityscapes layout end to end: clicks generated into ``20clicks/`` by the command line, AGMM trained
+    """The Cityscapes layout end to end: clicks generated into ``100clicks/`` by the command line, AGMM trained
     on them by the driver and evaluated on val."""
     from dataset.cityscapes import Cityscapes
     from dataset.sparse import main as sparse_main
@@ -418,23 +418,24 @@ def test_cityscapes_layout_trains_agmm_on_generated_clicks(tmp_path: Path) -> No
 
     root = tmp_path / "cityscapes"
     _cityscapes(root, np.random.default_rng(0))
-    assert sparse_main(["generate", "--dataset", "cityscapes", "--data_root", str(root), "--total", "20"]) == 0
-    clicks = sorted((root / "20clicks").rglob("*_gtFine_labelTrainIds.png"))
+    assert sparse_main(["generate", "--dataset", "cityscapes", "--data_root", str(root), "--total", "100"]) == 0
+    clicks = sorted((root / "100clicks").rglob("*_gtFine_labelTrainIds.png"))
     assert len(clicks) == 8
     info = Cityscapes(root)
     for path in clicks:
         sparse = load_png(path)
         gt = info.read_mask(path.name.removesuffix("_gtFine_labelTrainIds.png"))
         labelled = sparse < 19
-        assert 0 < labelled.sum() <= 20 * 5 and np.all(sparse[labelled] == gt[labelled])
+        assert 0 < labelled.sum() <= 100 * 5 and np.all(sparse[labelled] == gt[labelled])
         assert np.all(sparse[~labelled] == 19)  # K = 19 unlabelled, never 255
     work = tmp_path / "work"
     flags = ["--dataset", "cityscapes", "--data_root", str(root), "--preset", "demo", "--work_dir", str(work),
-             "--segmenter", "agmm", "--supervision", "points", "--sparse_clicks", "20", "--deeplab_iters", "30",
+             "--segmenter", "agmm", "--supervision", "points", "--sparse_clicks", "100", "--deeplab_iters", "30",
              "--deeplab_batch_size", "4", "--deeplab_crop_size", "48", "--deeplab_eval_scales", "1.0",
-             "--deeplab_crf", "false", "--deeplab_learning_rate", "0.01", "--num_workers", "0"]
+             "--deeplab_crf", "false", "--deeplab_learning_rate", "0.003", "--num_workers", "0"]
     assert run_sample.main(flags) == 0
     (row,) = [r for r in read_metrics(work) if r["step"] == "eval_deeplab"]
     assert row["labels"] == "points" and row["split"] == "val" and list(row["per_class"]) == list(info.class_names)
-    # Labelling everything road scores ~19 mIoU on the three classes present (test_plugins); measured: 90.4.
+    # Labelling everything road scores ~19 mIoU on the three classes present (test_plugins); measured: 86.8 on
+    # one thread, 85.1 on two (with 20 clicks at lr 0.01 the same run gave 90.4 or 13.2 by thread count).
     assert row["miou"] > 40, row
