@@ -39,7 +39,7 @@ from methods.irn import TRAIN_RADIUS
 from misc import dist
 from misc.curriculum import schedule_flag
 from misc.errors import UserError, user_message
-from misc.flags import str2bool
+from misc.flags import out_of_bounds, str2bool
 from misc.io import atomic_write, latest_metrics
 from misc.metrics import headline, seed_details
 from misc.thresholds import REFERENCE, WALKED
@@ -564,12 +564,9 @@ def _check_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
     positive = ("cam_batch_size", "irn_batch_size", "deeplab_batch_size", "cam_num_epoches", "irn_num_epoches",
                 "deeplab_iters", "cam_crop_size", "deeplab_crop_size", "report_images", "cam_max_side",
                 "max_image_side")
-    for name in positive:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("num_workers", "seed", "exp_times"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    problem = out_of_bounds(args, positive, 1) or out_of_bounds(args, ("num_workers", "seed", "exp_times"), 0)
+    if problem is not None:
+        parser.error(problem)
     if args.irn_crop_size < IRN_MIN_CROP:
         parser.error(f"--irn_crop_size {args.irn_crop_size} is too small for IRN's pair radius {TRAIN_RADIUS} at "
                      f"stride 4: use at least {IRN_MIN_CROP}")

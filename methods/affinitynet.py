@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from methods.base import Refiner
 from misc.crf import aff_label_from_cam
 from misc.errors import UserError
+from misc.flags import out_of_bounds
 from misc.indexing import path_offsets, walk_affinity
 from misc.pipeline import trained_weights
 from misc.thresholds import calibration_path, carried
@@ -70,13 +71,10 @@ class AffinityNetRefiner(Refiner):
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> str | None:
-        for flag in PSA_ALPHAS:
-            value = getattr(args, flag)
-            if value is not None and value <= 0:
-                return f"--{flag} must be > 0, got {value}"
-        for flag in ("aff_crop_size", "aff_batch_size", "aff_num_epoches"):
-            if getattr(args, flag) < 1:
-                return f"--{flag} must be >= 1, got {getattr(args, flag)}"
+        problem = (out_of_bounds(args, PSA_ALPHAS, 0, strict=True)
+                   or out_of_bounds(args, ("aff_crop_size", "aff_batch_size", "aff_num_epoches"), 1))
+        if problem is not None:
+            return problem
         if args.aff_crop_size % 8 or args.aff_crop_size < 8 * (2 * RADIUS):
             return (f"--aff_crop_size must be a multiple of 8 of at least {8 * 2 * RADIUS} (pairs reach {RADIUS} "
                     f"cells of the stride-8 grid), got {args.aff_crop_size}")

@@ -49,6 +49,7 @@ from torch import nn
 
 from methods.base import CAMMethod
 from misc.errors import UserError
+from misc.flags import out_of_bounds
 from misc.optim import PolyOptimizer
 from misc.train import Stage
 from misc.weights import resolve_weights
@@ -146,14 +147,8 @@ class ViTCAM(CAMMethod):
             vit_config(vit_arch(args))
         except UserError as e:
             return f"--vit_arch: {e}"
-        for name in ("vit_cam_size", "vit_learning_rate"):
-            value = getattr(args, name)
-            if value is not None and value <= 0:
-                return f"--{name} must be positive, got {value}"
-        for name in ("vit_weight_decay", "vit_momentum", "vit_grad_clip"):
-            if getattr(args, name) < 0:
-                return f"--{name} must be >= 0, got {getattr(args, name)}"
-        return None
+        return (out_of_bounds(args, ("vit_cam_size", "vit_learning_rate"), 0, strict=True)
+                or out_of_bounds(args, ("vit_weight_decay", "vit_momentum", "vit_grad_clip"), 0))
 
     def build(self, args: argparse.Namespace, num_classes: int) -> VisionTransformer:
         cfg = vit_config(vit_arch(args))

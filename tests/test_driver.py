@@ -1,11 +1,13 @@
 """run_sample flags: real booleans, presets, contradictions, per-round paths, summary table."""
 
+import argparse
 import json
 
 import pytest
 
 import run_sample
 from misc.errors import UserError
+from misc.flags import out_of_bounds
 
 
 def test_bool_flags_mean_what_they_say():
@@ -18,6 +20,14 @@ def test_bool_flags_mean_what_they_say():
 def test_bad_bool_is_rejected():
     with pytest.raises(UserError, match="expected a boolean"):
         run_sample.make_args(["--train_cam_pass", "maybe"])
+
+
+def test_out_of_bounds_names_the_first_bad_flag_and_leaves_unset_ones():
+    args = argparse.Namespace(a=None, b=0, c=-1, d=0.5)
+    assert out_of_bounds(args, ("a", "b", "c"), 0) == "--c must be >= 0, got -1"
+    assert out_of_bounds(args, ("a", "b", "c"), 0, strict=True) == "--b must be positive, got 0"
+    assert out_of_bounds(args, ("d",), 1) == "--d must be >= 1, got 0.5"
+    assert out_of_bounds(args, ("a", "d"), 0, strict=True) is None
 
 
 def test_preset_fills_only_unset_flags(tmp_path):
