@@ -21,7 +21,7 @@ import torch
 import dataset
 import run_sample
 from dataset.base import read_id_list
-from dataset.sparse import SparseLabels
+from dataset.sparse import SparseLabels, image_classes
 from misc.imutils import hwc_to_chw, normalize
 from net.agmm import class_prototypes, gmm_responses, present_classes
 from step.eval_deeplab import load_model
@@ -42,10 +42,14 @@ def probe(work_dir: Path, max_images: int | None = None) -> dict[str, float]:
         x = torch.from_numpy(hwc_to_chw(normalize(img)))[None]
         mask = torch.from_numpy(labels.read(image_id).astype(np.int64))[None]
         feat, logits = model(x, features=True)
+        feat, logits = feat.float(), logits.float()
         y_cur = present_classes(mask, k)
-        g = gmm_responses(feat.float(), class_prototypes(feat.float(), mask, k), y_cur, mask)
+        # The responses as the run's loss made them (fixed or adaptive width).
+        cls_label = torch.from_numpy(image_classes(mask[0].numpy(), k))[None]
+        g = gmm_responses(feat, class_prototypes(feat, mask, k), y_cur, mask, logits.softmax(1), cls_label,
+                          args.agmm_adaptive_sigma)
         present = y_cur[0].bool()
-        p_label = torch.where(present[:, None, None], logits[0].float(), -torch.inf).argmax(0).numpy()
+        p_label = torch.where(present[:, None, None], logits[0], -torch.inf).argmax(0).numpy()
         g_label = torch.where(present[:, None, None], g[0], -torch.inf).argmax(0).numpy()
         gt = info.read_mask(image_id)
         scored = (mask[0].numpy() == k) & (gt < k)
@@ -67,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("work_dirs", type=Path, nargs="+", help="finished --segmenter agmm runs")
     p.add_argument("--max_images", type=int, default=None)
     args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
     for work in args.work_dirs:
         stats = probe(work, args.max_images)
         print(work, " ".join(f"{key}: {value:.1f}" if isinstance(value, float) else f"{key}: {value}"
