@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import dataset
 import run_sample
@@ -37,7 +38,7 @@ def probe(work_dir: Path, max_images: int | None = None) -> dict[str, float]:
     labels = SparseLabels(info, args.supervision, args.sparse_dir, args.sparse_clicks)
     k = info.num_labels
     counts = dict(pixels=0, p_right=0, g_right=0, disagree=0, p_wins=0, g_wins=0)
-    for image_id in read_id_list(args.deeplab_train_list)[:max_images]:
+    for image_id in tqdm(read_id_list(args.deeplab_train_list)[:max_images], desc="agmm_probe", mininterval=2):
         img = info.read_photo(image_id)
         x = torch.from_numpy(hwc_to_chw(normalize(img)))[None]
         mask = torch.from_numpy(labels.read(image_id).astype(np.int64))[None]

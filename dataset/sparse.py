@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from scipy import ndimage
+from tqdm import tqdm
 
 from dataset.base import DatasetInfo, read_id_list
 from dataset.cityscapes import TRAIN_IDS_SUFFIX, Cityscapes
@@ -391,8 +392,12 @@ def write_generated(info: DatasetInfo, ids: Sequence[str], out_dir: str | os.Pat
     """Generate the sparse labels of ``ids`` from the dataset's ground truth into ``out_dir`` (the layout's
     file names): clicks (``generate_clicks``, ``per_class`` or ``total``) or scribbles (``generate_scribbles``),
     and record the settings in ``out_dir/generated.json``, so the files are known and kept fixed."""
+    missing = [i for i in ids if not info.has_mask(i)]
+    if missing:  # checked before any file is written
+        raise UserError(f"{len(missing)} of {len(ids)} images have no mask to draw labels from (first: "
+                        f"{info.seg_class(missing[0])}): give --list the ids that have masks.")
     labels = SparseLabels(info, supervision, out_dir)
-    for i in ids:
+    for i in tqdm(ids, desc=f"generate {supervision}", mininterval=2):
         mask, rng = info.load_mask(i), image_rng(seed, i)
         sparse = (generate_clicks(mask, info.num_labels, rng, per_class=per_class, total=total)
                   if supervision == "points" else generate_scribbles(mask, info.num_labels, rng))

@@ -404,6 +404,9 @@ def test_generate_command_writes_seeded_scribbles_from_the_masks(tmp_path: Path)
         assert set(np.unique(a[labelled]).tolist()) == set(np.unique(gt[gt < 255]).tolist())
         assert labelled.mean() < 0.5 * (gt < 255).mean()
     assert json.loads((tmp_path / "a/generated.json").read_text())["supervision"] == "scribbles"
+    with pytest.raises(UserError, match="no mask"):  # checked before anything is written
+        write_generated(info, [ids[0], "2000_999999"], tmp_path / "d", 0, "scribbles")
+    assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):  # clicks' settings make no sense for scribbles
         sparse_main(["generate", "--kind", "scribbles", "--data_root", str(root), "--out", str(tmp_path / "c"),
                      "--per_class", "2"])
