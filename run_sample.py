@@ -36,6 +36,7 @@ import dataset
 import methods
 from dataset.base import read_id_list
 from methods.irn import TRAIN_RADIUS
+from methods.saliency import MODELS as SALIENCY_MODELS
 from misc import dist
 from misc.curriculum import schedule_flag
 from misc.errors import UserError, user_message
@@ -668,6 +669,11 @@ def check_weights(args: argparse.Namespace) -> None:
                 read_checkpoint(path)
         except UserError as e:
             raise UserError(f"--{flag}: {user_message(e)}") from None
+    if args.refiner == "saliency" and args.saliency_model:
+        try:
+            resolve_weights(SALIENCY_MODELS[args.saliency_model][0])
+        except UserError as e:
+            raise UserError(f"--saliency_model {args.saliency_model}: {user_message(e)}") from None
 
 
 def prepare_run(args: argparse.Namespace) -> None:

