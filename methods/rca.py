@@ -288,6 +288,7 @@ class RCA(CAMMethod):
         cfg = model.config
         epoch = model.epoch
         if epoch >= 1 and int(model.memory.centroid_epoch) != epoch:
+            report_memory(model, epoch)
             model.memory.refresh_centroids(epoch, cfg.seed)
         out = net(imgs, maps=True)
         with torch.autocast(imgs.device.type, enabled=False):
@@ -308,6 +309,25 @@ class RCA(CAMMethod):
         """``(B, 3, H, W)`` -> ``ReLU(M_r) (B, C, h, w)``, through the trained centroids (a post-hoc inference
         pass; RCA's own CAMs are the accumulated maps, ``make_rca_cam``)."""
         return F.relu(model.refined_maps(model.features(x)))
+
+
+def report_memory(model: RCANet, epoch: int) -> None:
+    """Before epoch ``epoch``'s clustering: how many region features the memory has received, and a warning
+    naming the labelled classes still without one (their centroids stay random, and the aggregation feeds
+    that noise to the refined head)."""
+    if not dist.is_main():
+        return
+    writes = model.memory.writes.cpu()
+    labelled = model.accumulated.pairs[:, 1].unique().cpu()
+    empty = [int(c) for c in labelled if writes[c] == 0]
+    log.info("rca: epoch %d: %d memory writes so far, %d of %d labelled classes written", epoch, int(writes.sum()),
+             len(labelled) - len(empty), len(labelled))
+    if empty:
+        log.warning("rca: %d labelled classes have no memory entry yet (0-based indices %s): no image of theirs "
+                    "reached --rca_enqueue_threshold %g, so their centroids are the random initial entries (an "
+                    "under-trained classifier: train longer or at a larger --rca_learning_rate)", len(empty),
+                    ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else ""),
+                    model.config.enqueue_threshold)
 
 
 @torch.no_grad()

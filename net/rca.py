@@ -180,8 +180,9 @@ class MemoryBank(nn.Module):
     """Per-class queues of region features and their k-means centroids (spec 5.1).
 
     Buffers: ``queue (C, L, D)`` and ``centroids (C, K, D)``, both N(0, 1) at first; ``ptr (C,)`` each queue's next
-    slot; ``centroid_epoch`` the epoch whose first step last clustered the queues (-1: never, the random
-    centroids of epoch 0).
+    slot; ``writes (C,)`` how many vectors each class has received in all; ``centroid_epoch`` the epoch whose
+    first step last clustered the queues (-1: never, the random centroids of epoch 0). A class nothing was
+    written to keeps its random entries: its centroids are noise (``methods.rca`` warns).
     """
 
     def __init__(self, num_classes: int, length: int, dim: int, centroids: int) -> None:
@@ -190,6 +191,7 @@ class MemoryBank(nn.Module):
             raise ValueError(f"a queue of {length} entries cannot give {centroids} centroids")
         self.register_buffer("queue", torch.randn(num_classes, length, dim))
         self.register_buffer("ptr", torch.zeros(num_classes, dtype=torch.long))
+        self.register_buffer("writes", torch.zeros(num_classes, dtype=torch.long))
         self.register_buffer("centroids", torch.randn(num_classes, centroids, dim))
         self.register_buffer("centroid_epoch", torch.tensor(-1))
 
@@ -214,6 +216,7 @@ class MemoryBank(nn.Module):
             vectors = momentum * self.queue[classes, slots] + (1 - momentum) * vectors
         self.queue[classes, slots] = vectors
         self.ptr.add_(one_hot.sum(0)).remainder_(length)
+        self.writes.add_(one_hot.sum(0))
 
     @torch.no_grad()
     def refresh_centroids(self, epoch: int, seed: int) -> None:

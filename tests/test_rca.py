@@ -137,6 +137,22 @@ def _batch(feats: Tensor, p: float, labels: list[list[int]]) -> tuple[dict[str, 
     return out, _logits(p, tuple(y.shape)), y
 
 
+def test_classes_without_memory_writes_are_named_at_the_clustering(caplog: pytest.LogCaptureFixture):
+    from methods.rca import report_memory
+
+    net = _net([[0, 1, 0], [1, 1, 0]])  # labelled classes 0 and 1; class 2 is in no label
+    net.memory.write(torch.tensor([1, 1]), torch.randn(2, 6), 0.99)
+    with caplog.at_level("INFO", logger="wsss"):
+        report_memory(net, epoch=1)
+    assert "2 memory writes so far, 1 of 2 labelled classes written" in caplog.text
+    assert "1 labelled classes have no memory entry yet (0-based indices 0)" in caplog.text
+    caplog.clear()
+    net.memory.write(torch.tensor([0]), torch.randn(1, 6), 0.99)
+    with caplog.at_level("INFO", logger="wsss"):
+        report_memory(net, epoch=2)
+    assert "2 of 2 labelled classes written" in caplog.text and "no memory entry" not in caplog.text
+
+
 def test_memory_write_is_one_ema_slot_of_a_confident_class():
     from methods.rca import update_state
 
@@ -153,12 +169,13 @@ def test_memory_write_is_one_ema_slot_of_a_confident_class():
     assert changed.nonzero().tolist() == [[1, 4]]
     e = feats[0, :, :2].mean((1, 2))  # the mean backbone feature over the region (spec 5.3)
     assert torch.allclose(net.memory.queue[1, 4] - before[1, 4], 0.01 * (e - before[1, 4]), atol=1e-6)
-    assert net.memory.ptr.tolist() == [0, 0, 0]
+    assert net.memory.ptr.tolist() == [0, 0, 0] and net.memory.writes.tolist() == [0, 1, 0]
     # Not confident (p = 0.5 <= 0.7): nothing moves.
     before, ptr = net.memory.queue.clone(), net.memory.ptr.clone()
     out, logits, y = _batch(feats, 0.5, [[0, 1, 0]])
     update_state(net, out, masks, logits, y, ids=None)
     assert torch.equal(net.memory.queue, before) and torch.equal(net.memory.ptr, ptr)
+    assert net.memory.writes.tolist() == [0, 1, 0]
     # The FIFO variant replaces the slot; the embed variant stores the embedding head's features.
     embedded = feats.flip(1)[0, :, :2].mean((1, 2))
     for update, feature, expected in (("replace", "backbone", e), ("replace", "embed", embedded)):
