@@ -37,6 +37,7 @@ import methods
 from dataset.base import read_id_list
 from methods.irn import TRAIN_RADIUS
 from methods.saliency import MODELS as SALIENCY_MODELS
+from methods.vit import vit_weights
 from misc import dist
 from misc.curriculum import schedule_flag
 from misc.errors import UserError, user_message
@@ -47,6 +48,7 @@ from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
 from net.backbone import read_checkpoint
 from net.factory import BACKBONE_NAMES
+from net.vit import read_vit_checkpoint
 
 log = logging.getLogger("wsss")
 
@@ -669,6 +671,11 @@ def check_weights(args: argparse.Namespace) -> None:
                 read_checkpoint(path)
         except UserError as e:
             raise UserError(f"--{flag}: {user_message(e)}") from None
+    if args.cam_method == "vit" and args.train_cam_pass and vit_weights(args):
+        try:
+            read_vit_checkpoint(resolve_weights(vit_weights(args)))
+        except UserError as e:
+            raise UserError(f"--vit_weights: {user_message(e)}") from None
     if args.refiner == "saliency" and args.saliency_model:
         try:
             resolve_weights(SALIENCY_MODELS[args.saliency_model][0])

@@ -478,6 +478,16 @@ def test_bad_vit_flags_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFi
         assert not (tmp_path / "w").exists()
 
 
+def test_unreadable_vit_weights_stop_the_run_before_training(tmp_path: Path, capsys: pytest.CaptureFixture):
+    bad = tmp_path / "vit.pth"
+    bad.write_bytes(b"not a checkpoint")
+    flags = ["--cam_method", "vit", "--work_dir", str(tmp_path / "w"), "--vit_weights", str(bad)]
+    assert run_sample.main(flags) == 2
+    err = capsys.readouterr().err
+    assert "--vit_weights" in err and str(bad) in err
+    assert not (tmp_path / "w" / "cls_labels.tsv").exists()
+
+
 def test_default_arch_and_weights_follow_the_preset():
     from methods.vit import vit_arch, vit_weights
 
