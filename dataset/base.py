@@ -176,6 +176,10 @@ class DatasetInfo:
         """The instance mask (``seg_object``) of ``image_id`` at the working resolution."""
         return self.fit(load_png(self.seg_object(image_id)), 0)
 
+    def training_mask_file(self, image_id: str) -> Path:
+        """The file ``load_training_mask(image_id)`` reads (for fingerprints and error messages)."""
+        return self.seg_class(image_id)
+
     def has_training_mask(self, image_id: str) -> bool:
         """Whether ``read_training_mask(image_id)`` has a file to read."""
         return self.has_mask(image_id)

@@ -110,6 +110,9 @@ class Cityscapes(DatasetInfo):
         """trainIds uint8 ``(H, W)``: the labelTrainIds PNG, else the labelIds PNG converted."""
         return self._read_train_ids(self.label_source(image_id))
 
+    def training_mask_file(self, image_id: str) -> Path:
+        return self.label_source(image_id) if self.has_mask(image_id) else self.seg_class(image_id)
+
     def label_source(self, image_id: str) -> Path:
         """The labelTrainIds mask, else the labelIds mask (``UserError`` naming both if neither exists)."""
         train_ids, label_ids = self.seg_class(image_id), self.label_ids(image_id)

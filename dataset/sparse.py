@@ -152,8 +152,7 @@ class GroundTruthLabels:
 
     def path(self, image_id: str) -> Path:
         """The mask ``read_training_mask`` reads (VOC: SBD's when present)."""
-        aug = self.info.seg_class_aug(image_id)
-        return aug if aug is not None and aug.is_file() else self.info.seg_class(image_id)
+        return self.info.training_mask_file(image_id)
 
     def require(self, ids: Sequence[str]) -> None:
         missing = [i for i in ids if not self.info.has_training_mask(i)]

@@ -59,13 +59,16 @@ class VOC12(DatasetInfo):
     def seg_object(self, image_id: str) -> Path:
         return self.root / "SegmentationObject" / f"{image_id}.png"
 
-    def has_training_mask(self, image_id: str) -> bool:
-        return self.seg_class_aug(image_id).is_file() or self.has_mask(image_id)
-
-    def load_training_mask(self, image_id: str) -> np.ndarray:
+    def training_mask_file(self, image_id: str) -> Path:
         """SBD's ``SegmentationClassAug`` mask (it covers train_aug) when present, else ``SegmentationClass``."""
         aug = self.seg_class_aug(image_id)
-        return load_png(aug) if aug.is_file() else self.load_mask(image_id)
+        return aug if aug.is_file() else self.seg_class(image_id)
+
+    def has_training_mask(self, image_id: str) -> bool:
+        return self.training_mask_file(image_id).is_file()
+
+    def load_training_mask(self, image_id: str) -> np.ndarray:
+        return load_png(self.training_mask_file(image_id))
 
     def annotation(self, image_id: str) -> Path:
         return self.root / "Annotations" / f"{image_id}.xml"

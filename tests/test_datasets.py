@@ -206,6 +206,9 @@ def test_cityscapes_split_lookup_and_paths(city_root: Path) -> None:
     # seg_class names the labelTrainIds file even where only labelIds exist.
     assert info.seg_class(CITY_VAL) == city_root / "gtFine/val/frankfurt" / f"{CITY_VAL}_gtFine_labelTrainIds.png"
     assert not info.seg_class(CITY_VAL).exists()
+    # The file a training mask is read from (the full-mask bound's fingerprint) is the one that exists.
+    assert info.training_mask_file(CITY_VAL).name == f"{CITY_VAL}_gtFine_labelIds.png"
+    assert info.training_mask_file(CITY_TRAIN[1]) == info.seg_class(CITY_TRAIN[1])
     # A found split is cached; an unknown id is placed in train and looked up again.
     for top in ("leftImg8bit", "gtFine"):
         os.rename(city_root / top / "val", city_root / top / "test")

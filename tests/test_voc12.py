@@ -203,6 +203,14 @@ def test_make_cls_labels_step(voc_root: Path, tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------- layout, images
 
 
+def test_training_masks_prefer_sbd(voc_root: Path) -> None:
+    layout = VOC12(voc_root)
+    assert layout.training_mask_file("c") == layout.seg_class_aug("c")  # SBD only
+    assert layout.training_mask_file("b") == layout.seg_class("b")  # VOC only
+    assert [layout.has_training_mask(i) for i in "abc"] == [False, True, True]
+    assert (layout.load_training_mask("c")[20:30, 20:30] == 18).all() and (layout.load_training_mask("b") == 15).all()
+
+
 def test_layout_check(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist.*--voc12_root"):
         VOC12(tmp_path / "missing").check()
