@@ -42,7 +42,7 @@ from misc import dist
 from misc.curriculum import schedule_flag
 from misc.errors import UserError, user_message
 from misc.flags import out_of_bounds, str2bool
-from misc.io import atomic_write, latest_metrics
+from misc.io import IN_PROGRESS, atomic_write, latest_metrics
 from misc.metrics import headline, seed_details
 from misc.thresholds import REFERENCE, WALKED
 from misc.weights import resolve_weights
@@ -700,6 +700,8 @@ def run_pipeline(args: argparse.Namespace) -> None:
     timings = work_dir / "timings.jsonl"
     if dist.is_main():
         write_config(args)
+        # Present while the steps run (and after a crash): benchmarks count only runs without it as finished.
+        (work_dir / IN_PROGRESS).write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}\n")
     round_steps = [*methods.cam_method(args).steps, *methods.refiner(args).steps]
     if any(getattr(args, f"{flag}_pass") for flag, _ in round_steps):
         _run_step("make_cls_labels", round_args(args, "baseline"), timings)
@@ -717,6 +719,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
     if args.report_pass:
         _run_step("report", final, timings)
     if dist.is_main():
+        (work_dir / IN_PROGRESS).unlink(missing_ok=True)
         print(summary_table(work_dir))
 
 

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from bench.demo_runs import REPO, STAGES, Stage, fmt, stage_values, write_section
-from misc.io import read_metrics
+from misc.io import IN_PROGRESS, read_metrics
 
 # Files a step only ever replaces whole (atomically) or never touches (the demo's photos): safe to share
 # with the base run as hard links.
@@ -105,9 +105,11 @@ def parse_arm(text: str) -> tuple[str, Path, str]:
 
 
 def finished(work: Path) -> bool:
-    """A base run has its config; a derived run also its completion mark."""
+    """A base run has its config and no in-progress mark (``misc.io.IN_PROGRESS``: running, or stopped
+    midway); a derived run also its completion mark."""
     derived = (work / BASE_ROWS).is_file()
-    return (work / "config.yaml").is_file() and (not derived or (work / DONE).is_file())
+    return ((work / "config.yaml").is_file() and not (work / IN_PROGRESS).exists()
+            and (not derived or (work / DONE).is_file()))
 
 
 def own_rows(work: Path) -> list[dict]:

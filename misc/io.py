@@ -109,6 +109,11 @@ def metrics_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return row.get("variant", "-"), row["step"], row.get("postprocess"), row.get("labels")
 
 
+# A run's work dir holds this file while its steps run (and after a crash): written when the driver starts the
+# steps, removed when the last one has finished.
+IN_PROGRESS = "run.in_progress"
+
+
 def record_metrics(work_dir: str | os.PathLike, row: dict[str, Any]) -> None:
     """Write one result into ``<work_dir>/metrics.jsonl`` (one JSON object a line), replacing the row that
     measured the same thing before (``metrics_key``): re-running a step updates its number, never doubles it."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench import compare, demo_runs
 from bench.suite import COLUMNS, END, START
+from misc.io import IN_PROGRESS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -113,6 +114,9 @@ def test_compare_derives_without_touching_the_base_and_reports_finished_seeds_on
                                             f"x CDA={work.parent}:cda")]
     body = compare.report(arms, [0, 1], "cmd")
     assert "| pseudo-mask mIoU | 42.0 ± 2.8 | - | - | - |" in body  # the derived seed has no completion mark yet
+    (base / "seed1" / IN_PROGRESS).write_text("running\n")  # a base seed still running (or stopped) is left out
+    assert "| pseudo-mask mIoU | 40.0 | - | - | - |" in compare.report(arms, [0, 1], "cmd")
+    (base / "seed1" / IN_PROGRESS).unlink()
     assert "| CAM mIoU (best thr) | - | 39.0 ± 2.8 | - | - |" in body
     (work / compare.DONE).write_text("flags\n")
     body = compare.report(arms, [0, 1], "cmd")
