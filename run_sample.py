@@ -671,9 +671,11 @@ def check_weights(args: argparse.Namespace) -> None:
                 read_checkpoint(path)
         except UserError as e:
             raise UserError(f"--{flag}: {user_message(e)}") from None
-    if args.cam_method == "vit" and args.train_cam_pass and vit_weights(args):
+    if args.cam_method == "vit" and args.train_cam_pass:
         try:
-            read_vit_checkpoint(resolve_weights(vit_weights(args)))
+            path = resolve_weights(vit_weights(args))
+            if path is not None:
+                read_vit_checkpoint(path)
         except UserError as e:
             raise UserError(f"--vit_weights: {user_message(e)}") from None
     if args.refiner == "saliency" and args.saliency_model:
