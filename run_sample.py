@@ -663,26 +663,21 @@ def _run_step(module: str, args: argparse.Namespace, timings: Path) -> None:
 
 
 def check_weights(args: argparse.Namespace) -> None:
-    """Every weights file the run was given exists and is a state dict (registry names are fetched first)."""
-    for flag in ("backbone_weights", "deeplab_weights", "cam_weights", "irn_weights", "affinity_weights"):
-        try:
-            path = resolve_weights(getattr(args, flag))
-            if path is not None:
-                read_checkpoint(path)
-        except UserError as e:
-            raise UserError(f"--{flag}: {user_message(e)}") from None
+    """Every weights file the run was given exists and reads (registry names are fetched first): the state
+    dicts, the ViT checkpoint of a ViT run, the saliency model of ``--saliency_model``."""
+    checks = [(f"--{flag}", getattr(args, flag), read_checkpoint)
+              for flag in ("backbone_weights", "deeplab_weights", "cam_weights", "irn_weights", "affinity_weights")]
     if args.cam_method == "vit" and args.train_cam_pass:
-        try:
-            path = resolve_weights(vit_weights(args))
-            if path is not None:
-                read_vit_checkpoint(path)
-        except UserError as e:
-            raise UserError(f"--vit_weights: {user_message(e)}") from None
+        checks.append(("--vit_weights", vit_weights(args), read_vit_checkpoint))
     if args.refiner == "saliency" and args.saliency_model:
+        checks.append((f"--saliency_model {args.saliency_model}", SALIENCY_MODELS[args.saliency_model][0], None))
+    for label, spec, read in checks:
         try:
-            resolve_weights(SALIENCY_MODELS[args.saliency_model][0])
+            path = resolve_weights(spec)
+            if path is not None and read is not None:
+                read(path)
         except UserError as e:
-            raise UserError(f"--saliency_model {args.saliency_model}: {user_message(e)}") from None
+            raise UserError(f"{label}: {user_message(e)}") from None
 
 
 def prepare_run(args: argparse.Namespace) -> None:
