@@ -24,9 +24,7 @@ from tqdm import tqdm
 
 import dataset
 from dataset.base import DatasetInfo, read_id_list
-from methods.saliency import MODELS, read_saliency
-from misc.io import save_png
-from misc.weights import resolve_weights
+from methods.saliency import MODELS, predict_maps, read_saliency
 
 BETA2 = 0.3
 THRESHOLDS = np.arange(1, 256)
@@ -70,18 +68,6 @@ def score(maps: Callable[[str], np.ndarray], info: DatasetInfo, ids: list[str], 
             "threshold": int(THRESHOLDS[best]), "iou": 100 * float(np.mean([r["iou"] for r in rows]))}
 
 
-def predict(model_name: str, info: DatasetInfo, ids: list[str], out_dir: Path) -> None:
-    """``model_name``'s maps of the ids without one in ``out_dir`` -> ``<out_dir>/<id>.png``."""
-    from net.focus import load_focus_onnx, predict_saliency
-
-    todo = [i for i in ids if not (out_dir / f"{i}.png").is_file()]
-    if not todo:
-        return
-    model = load_focus_onnx(resolve_weights(MODELS[model_name][0]))
-    for image_id in tqdm(todo, desc=f"saliency ({model_name})", mininterval=2):
-        save_png(out_dir / f"{image_id}.png", predict_saliency(model, info.read_photo(image_id)))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.saliency_quality", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="voc12")
@@ -102,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = [i for i in dict.fromkeys(ids) if info.has_mask(i)]
     maps = Path(args.maps)
     if args.saliency_model:
-        predict(args.saliency_model, info, ids, maps)
+        predict_maps(args.saliency_model, info, ids, maps)
     sources: dict[str, Callable[[str], np.ndarray]] = {
         f"{args.saliency_model or maps}": lambda i: read_saliency(maps / f"{i}.png", info.read_mask(i).shape),
         "centre prior (Gaussian)": lambda i: centre_prior(info.read_mask(i).shape),

