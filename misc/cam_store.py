@@ -21,7 +21,6 @@ max-normalised: ORANDNet learns from them as they are, and eval_cam thresholds t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from misc.errors import UserError, user_message
-from misc.io import load_cam, save_cam
+from misc.io import files_fingerprint, load_cam, save_cam
 from misc.pipeline import MANIFEST
 
 FORMATS = ("irn", "amn", "mctformer")
@@ -131,11 +130,7 @@ def store_fingerprint(store: str | Path) -> str:
     if not files:
         raise UserError(f"{store} holds no CAM file (<id>.npz): make the store first, or convert one with "
                         "python -m misc.cam_store convert.")
-    h = hashlib.sha1()
-    for f in files:
-        stat = f.stat()
-        h.update(f"{f.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+    return files_fingerprint((f.name, f) for f in files)
 
 
 # ---------------------------------------------------------------------------------------- conversion

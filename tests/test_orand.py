@@ -16,12 +16,12 @@ import run_sample
 from dataset.samples import SegmentationDataset
 from dataset.voc12 import VOC12
 from methods.orand import fcn_per_class, orand_cam, orand_loss
-from misc.cam_store import combine_image, combine_stores, convert_store, downsample, or_and
+from misc.cam_store import combine_image, combine_stores, convert_store, downsample, or_and, store_fingerprint
 from misc.curriculum import ScaleSchedule, ScheduledScale, parse_scale_schedule
 from misc.errors import UserError
 from misc.io import load_cam, save_cam
 from misc.metrics import choose_threshold
-from misc.pipeline import epoch_loader
+from misc.pipeline import MANIFEST, epoch_loader
 from misc.train import TrainData
 from net.orandnet import FCN8s, center_crop
 from step import train_deeplab
@@ -100,6 +100,20 @@ def test_combined_stores_are_standard_cam_files(tmp_path: Path):
         cams = load_cam(tmp_path / store / "x.npz")
         assert cams["keys"].tolist() == [0, 3]
         assert cams["cam"].shape == (2, 2, 3) and cams["high_res"].shape == (2, 6, 10)
+
+
+def test_a_store_without_manifest_is_identified_by_its_files(tmp_path: Path):
+    maps = np.random.default_rng(3).random((1, 6, 10)).astype(np.float32)
+    _store(tmp_path / "a", "x", [0], maps)
+    first = store_fingerprint(tmp_path / "a")
+    assert store_fingerprint(tmp_path / "a") == first
+    _store(tmp_path / "a", "y", [0], maps)  # a new file: a different store
+    second = store_fingerprint(tmp_path / "a")
+    assert second != first
+    (tmp_path / "a" / MANIFEST).write_text('{"fingerprint": "abc"}')  # a pipeline step's store: its producer
+    assert store_fingerprint(tmp_path / "a") == '{"fingerprint": "abc"}'
+    with pytest.raises(UserError, match="no CAM file"):
+        store_fingerprint(tmp_path / "empty")
 
 
 def test_converter_reads_reference_pickles_only_when_asked(tmp_path: Path):
