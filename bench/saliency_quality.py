@@ -56,10 +56,14 @@ def image_scores(saliency: np.ndarray, mask: np.ndarray, num_classes: int) -> di
             "recall": recall}
 
 
-def score(maps: Callable[[str], np.ndarray], info: DatasetInfo, ids: list[str], desc: str
+def score(maps: Callable[[str, tuple[int, int]], np.ndarray], info: DatasetInfo, ids: list[str], desc: str
           ) -> dict[str, float]:
-    """MAE, max F-measure (and its threshold) and mean IoU (percent, but MAE) of ``maps(id)`` over ``ids``."""
-    rows = [image_scores(maps(i), info.read_mask(i), info.num_classes) for i in tqdm(ids, desc=desc, mininterval=2)]
+    """MAE, max F-measure (and its threshold) and mean IoU (percent, but MAE) of ``maps(id, mask shape)`` over
+    ``ids``."""
+    rows = []
+    for i in tqdm(ids, desc=desc, mininterval=2):
+        mask = info.read_mask(i)
+        rows.append(image_scores(maps(i, mask.shape), mask, info.num_classes))
     precision = np.mean([r["precision"] for r in rows], 0)
     recall = np.mean([r["recall"] for r in rows], 0)
     f = (1 + BETA2) * precision * recall / np.maximum(BETA2 * precision + recall, 1e-12)
@@ -89,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     maps = Path(args.maps)
     if args.saliency_model:
         predict_maps(args.saliency_model, info, ids, maps)
-    sources: dict[str, Callable[[str], np.ndarray]] = {
-        f"{args.saliency_model or maps}": lambda i: read_saliency(maps / f"{i}.png", info.read_mask(i).shape),
-        "centre prior (Gaussian)": lambda i: centre_prior(info.read_mask(i).shape),
-        "everything salient": lambda i: np.full(info.read_mask(i).shape, 255, np.uint8),
+    sources: dict[str, Callable[[str, tuple[int, int]], np.ndarray]] = {
+        f"{args.saliency_model or maps}": lambda i, shape: read_saliency(maps / f"{i}.png", shape),
+        "centre prior (Gaussian)": lambda _, shape: centre_prior(shape),
+        "everything salient": lambda _, shape: np.full(shape, 255, np.uint8),
     }
     print(f"{len(ids)} images of {args.data_root}\n")
     print("| saliency | MAE | max F (beta^2 0.3) | at threshold | fg IoU at 128 |")

@@ -9,8 +9,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from bench import compare, demo_runs
+import numpy as np
+import pytest
+
+from bench import compare, demo_runs, saliency_quality
 from bench.suite import COLUMNS, END, START
 from misc.io import IN_PROGRESS
 
@@ -142,3 +146,24 @@ def test_arm_tables_read_precision_at_the_best_threshold_and_segmenters_own_labe
     assert values["segmenter val mIoU, trained on the sparse labels"] == 55.0  # msf only, the CRF row not taken
     assert "segmenter val mIoU, trained on the full ground truth" not in values
     assert "CAM precision (best thr)" not in demo_runs.stage_values(rows, "baseline")  # the demo table's rows
+
+
+def test_saliency_scores_match_a_hand_computed_image():
+    # Background, two objects and a void pixel; the map finds one object fully and the other at 100 / 255.
+    mask = np.array([[0, 1], [255, 2]], np.uint8)
+    saliency = np.array([[0, 255], [7, 100]], np.uint8)
+    info = SimpleNamespace(read_mask=lambda _: mask, num_classes=20)
+    shapes = []
+
+    def maps(image_id: str, shape: tuple[int, int]) -> np.ndarray:
+        shapes.append(shape)
+        return saliency
+
+    r = saliency_quality.score(maps, info, ["a"], "test")
+    assert shapes == [(2, 2)]
+    assert r["mae"] == pytest.approx((1 - 100 / 255) / 3)
+    # Every threshold up to 100 keeps both objects and nothing else (F = 1), so the first one wins.
+    assert (r["max_f"], r["threshold"]) == (pytest.approx(100), 1)
+    assert r["iou"] == pytest.approx(50)  # at 128: one object of two, no background
+    prior = saliency_quality.centre_prior((5, 7))
+    assert prior.shape == (5, 7) and prior[2, 3] == 255 and prior[0, 0] < prior[2, 0] < 255
