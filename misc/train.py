@@ -27,7 +27,7 @@ from misc.checkpoint import gather_rng_states, load_checkpoint, read_checkpoint_
 from misc.errors import UserError
 from misc.io import atomic_write
 from misc.optim import PolyOptimizer
-from misc.pipeline import TrainLog, epoch_loader, mark_done
+from misc.pipeline import TrainLog, epoch_loader, mark_done, up_to_date
 
 log = logging.getLogger("wsss")
 
@@ -163,6 +163,15 @@ def progress_log_path(out: Path, fp: str) -> Path:
 def log_path(out: Path) -> Path:
     """The training log of the saved weights ``out``: ``<out>.log.jsonl``."""
     return out.with_name(out.name + ".log.jsonl")
+
+
+def already_trained(out: Path, fp: str, step: str) -> bool:
+    """True, and logged, when ``out`` holds weights ``save_trained`` stamped with ``fp``: ``step`` has nothing to
+    do."""
+    if up_to_date(out, fp):
+        log.info("%s: %s is up to date with its inputs; skipping (delete it to retrain)", step, out)
+        return True
+    return False
 
 
 def save_trained(model: nn.Module, out: Path, fp: str) -> None:

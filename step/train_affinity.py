@@ -20,8 +20,8 @@ from methods.affinitynet import RADIUS, build_affinitynet
 from misc import dist
 from misc.indexing import affinity_labels, get_path_index
 from misc.optim import PolyOptimizer
-from misc.pipeline import autocast, content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
-from misc.train import Stage, TrainData, save_trained, train
+from misc.pipeline import autocast, content_fingerprint, dir_fingerprint, fingerprint, require_files
+from misc.train import Stage, TrainData, already_trained, save_trained, train
 from net.affinitynet import affinity_loss, source_affinity
 
 log = logging.getLogger("wsss")
@@ -38,8 +38,7 @@ def run(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
     fp = fingerprint(settings=settings, labels=dir_fingerprint(args.ir_label_out_dir, "cam_to_ir_label"),
                      train=content_fingerprint(args.train_list))
-    if up_to_date(out, fp):
-        log.info("train_affinity: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+    if already_trained(out, fp, "train_affinity"):
         return
     dist.seed_step(args.seed, "train_affinity", args.variant)
     model = build_affinitynet(args).to(device)

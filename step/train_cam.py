@@ -19,8 +19,8 @@ import methods
 from dataset.base import read_id_list
 from dataset.labels import load_cls_labels
 from misc import dist
-from misc.pipeline import autocast, content_fingerprint, fingerprint, up_to_date
-from misc.train import TrainData, save_trained, train
+from misc.pipeline import autocast, content_fingerprint, fingerprint
+from misc.train import TrainData, already_trained, save_trained, train
 
 log = logging.getLogger("wsss")
 
@@ -75,8 +75,7 @@ def run(args: argparse.Namespace) -> None:
     method = methods.cam_method(args)
     out = Path(args.cam_weights_name)
     fp = _fingerprint(args)
-    if up_to_date(out, fp):
-        log.info("train_cam: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+    if already_trained(out, fp, "train_cam"):
         return
     dist.seed_step(args.seed, "train_cam", args.variant)
     train_set = _dataset(args, args.train_list, augment=True, composites=args.cam_aug)

@@ -25,8 +25,8 @@ from misc import dist
 from misc.curriculum import ScaleSchedule, ScheduledScale, parse_scale_schedule
 from misc.errors import UserError
 from misc.optim import PolyOptimizer
-from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
-from misc.train import Stage, TrainData, save_trained, train
+from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files
+from misc.train import Stage, TrainData, already_trained, save_trained, train
 from misc.weights import resolve_weights
 
 log = logging.getLogger("wsss")
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> None:
     # New pseudo masks under the same path must retrain: the folder's fingerprint changes with them.
     fp = fingerprint(**settings, labels=own[1] if own is not None else "gt" if labels is None
                      else dir_fingerprint(labels, "make_sem_seg_labels"))
-    if up_to_date(out, fp):
-        log.info("train_deeplab: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+    if already_trained(out, fp, "train_deeplab"):
         return
     dist.seed_step(args.seed, "train_deeplab", args.variant)
     model = segmenter.build(args, info.num_labels, resolve_weights(args.deeplab_weights))

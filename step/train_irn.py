@@ -21,8 +21,8 @@ from methods.irn import TRAIN_RADIUS, batch_losses, build_irn
 from misc import dist
 from misc.indexing import get_path_index
 from misc.optim import PolyOptimizer
-from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files, up_to_date
-from misc.train import Stage, TrainData, save_trained, train
+from misc.pipeline import content_fingerprint, dir_fingerprint, fingerprint, require_files
+from misc.train import Stage, TrainData, already_trained, save_trained, train
 from net.irn import estimate_mean_shift
 
 log = logging.getLogger("wsss")
@@ -39,8 +39,7 @@ def run(args: argparse.Namespace) -> None:
     settings = {k: getattr(args, k) for k in TRAINING_SETTINGS}
     fp = fingerprint(settings=settings, labels=dir_fingerprint(args.ir_label_out_dir, "cam_to_ir_label"),
                      train=content_fingerprint(args.train_list), mean_shift=content_fingerprint(args.infer_list))
-    if up_to_date(out, fp):
-        log.info("train_irn: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+    if already_trained(out, fp, "train_irn"):
         return
     dist.seed_step(args.seed, "train_irn", args.variant)
     info = dataset.from_args(args)

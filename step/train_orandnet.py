@@ -25,10 +25,9 @@ from misc.pipeline import (
     dir_fingerprint,
     fingerprint,
     require_files,
-    up_to_date,
     weights_fingerprint,
 )
-from misc.train import Stage, TrainData, save_trained, train
+from misc.train import Stage, TrainData, already_trained, save_trained, train
 
 log = logging.getLogger("wsss")
 
@@ -47,8 +46,7 @@ def run(args: argparse.Namespace) -> None:
                      lr=args.orandnet_learning_rate, loss=args.orandnet_loss, width=args.orandnet_width,
                      weights=weights_fingerprint(args.orandnet_weights), seed=args.seed,
                      train=content_fingerprint(args.train_list))
-    if up_to_date(out, fp):
-        log.info("train_orandnet: %s is up to date with its inputs; skipping (delete it to retrain)", out)
+    if already_trained(out, fp, "train_orandnet"):
         return
     dist.seed_step(args.seed, "train_orandnet", args.variant)
     model = build_orandnet(args).to(device)

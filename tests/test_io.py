@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -16,6 +17,7 @@ from dataset.voc12 import VOC12
 from misc.errors import UserError, user_message
 from misc.io import atomic_write, read_metrics, record_metrics
 from misc.pipeline import gt_confusions, prepare_output_dir
+from misc.train import already_trained, progress_log_path, save_trained
 
 
 def test_atomic_write_keeps_the_umasks_permissions(tmp_path: Path):
@@ -70,3 +72,14 @@ def test_a_ground_truth_value_outside_the_labels_names_the_mask(tmp_path: Path):
     Image.fromarray(np.array([[0, 1], [40, 255]], np.uint8)).save(tmp_path / "SegmentationClass" / "a.png")
     with pytest.raises(UserError, match=r"SegmentationClass/a.png has values \[40\] that are neither"):
         gt_confusions(VOC12(tmp_path), "a", [np.zeros((2, 2), np.uint8)])
+
+
+def test_trained_weights_are_reused_only_for_the_same_inputs(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    out = tmp_path / "net.pth"
+    assert not already_trained(out, "fp-a", "train_x")
+    progress_log_path(out, "fp-a").write_text("")  # what the training loop leaves for save_trained to finish
+    save_trained(torch.nn.Linear(2, 1), out, "fp-a")
+    with caplog.at_level(logging.INFO, logger="wsss"):
+        assert already_trained(out, "fp-a", "train_x")
+    assert "train_x: " in caplog.text and "is up to date" in caplog.text
+    assert not already_trained(out, "fp-b", "train_x")  # other settings or inputs: train again
